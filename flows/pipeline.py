@@ -1,0 +1,65 @@
+import re
+from pathlib import Path
+
+from prefect import flow
+
+from tasks.evaluate import evaluate_adapter
+from tasks.prepare import prepare_data
+from tasks.report import write_run_report
+from tasks.train import train_adapter
+
+
+@flow(name="lora-pipeline-prepare")
+def prepare(dataset: str, output: str, split: str = "train", max_examples: int | None = None) -> dict:
+    return prepare_data(dataset, split, output, max_examples)
+
+
+@flow(name="lora-pipeline-train")
+def train(config: dict) -> dict:
+    """`config` holds lora_pipeline.train.TrainConfig's fields, named like the CLI flags."""
+    return train_adapter(config)
+
+
+@flow(name="lora-pipeline-test")
+def test(lora_weights: str, output: str, test_prompts: str | None = None,
+         base_model: str | None = None, compare_base: bool = False, max_tokens: int = 150,
+         temperature: float = 0.7, seed: int = 0) -> str:
+    return evaluate_adapter(lora_weights, output, test_prompts, base_model, compare_base,
+                            max_tokens, temperature, seed)
+
+
+@flow(name="lora-pipeline")
+def lora_pipeline(
+    dataset: str = "HuggingFaceH4/ultrachat_200k",
+    split: str = "train_sft",
+    max_examples: int | None = 10000,
+    batch: int = 8,
+    max_steps: int = 0,
+    rank: int = 16,
+    learning_rate: float = 1e-4,
+    save_every: int = 25,
+    output_dir: str = "checkpoints",
+    backend: str = "auto",
+    base_model: str | None = None,
+    seed: int = 0,
+    run_name: str | None = None,
+    max_length: int = 1024,
+    on_overflow: str = "truncate",
+    test_prompts: str | None = None,
+    max_tokens: int = 150,
+    temperature: float = 0.7,
+    compare_base: bool = True,
+) -> dict:
+    """Prepare the data, train a LoRA, answer the test prompts with it and its base, report."""
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", Path(dataset).stem if Path(dataset).exists() else dataset)
+    data_file = str(Path(output_dir) / "data" / f"{slug}_{split}_{max_examples or 'all'}.jsonl")
+    prepare_data(dataset, split, data_file, max_examples)
+    summary = train_adapter(dict(
+        data=data_file, batch=batch, max_steps=max_steps, rank=rank, learning_rate=learning_rate,
+        save_every=save_every, output_dir=output_dir, backend=backend, base_model=base_model,
+        seed=seed, run_name=run_name, max_length=max_length, on_overflow=on_overflow))
+    results = evaluate_adapter(summary["final_lora_weights"],
+                               str(Path(summary["run_dir"]) / "results.json"), test_prompts,
+                               None, compare_base, max_tokens, temperature, seed)
+    report = write_run_report(summary, results)
+    return {**summary, "results": results, "report": report}

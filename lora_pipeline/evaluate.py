@@ -1,0 +1,92 @@
+"""Answers of the LoRA and of its base model to the same prompts, side by side."""
+
+import json
+from pathlib import Path
+
+from tinker import types
+
+from .data import write_json
+from .engines.local import INFO_FILE, LocalEngine
+from .errors import PipelineError
+
+DEFAULT_PROMPTS = [
+    "Hello!",
+    "What is the capital of France?",
+    "Give me three tips for staying productive.",
+    "Explain what a LoRA adapter is in two sentences.",
+    "Write a haiku about the sea.",
+]
+
+
+def load_prompts(path: str | None) -> list[list[dict]]:
+    """Prompts as message lists: a JSON list of message lists, or of strings (user turns)."""
+    if not path:
+        return [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS]
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"--test-prompts {path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"--test-prompts {path}: not valid JSON ({e})") from None
+    if not isinstance(items, list) or not items:
+        raise PipelineError(f"--test-prompts {path}: expected a non-empty JSON list of strings or of "
+                            'message lists like [{"role": "user", "content": "..."}]')
+    prompts = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            item = [{"role": "user", "content": item}]
+        ok = isinstance(item, list) and item and all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str) for m in item)
+        if not ok:
+            raise PipelineError(f"--test-prompts {path}: item {i} is neither a string nor a list of "
+                                '{"role", "content"} messages')
+        prompts.append(item)
+    return prompts
+
+
+def adapter_info(lora_weights: str) -> dict:
+    """What the training run recorded with the adapter: base model, rank, backend."""
+    folder = Path(lora_weights)
+    if not (folder / "adapter_config.json").is_file():
+        raise PipelineError(f"--lora-weights {lora_weights}: not an adapter folder (no "
+                            "adapter_config.json); pass a run's final_lora_weights/ or checkpoint_step_N/")
+    if (folder / INFO_FILE).is_file():
+        return json.loads((folder / INFO_FILE).read_text())
+    config = json.loads((folder / "adapter_config.json").read_text())
+    return {"backend": "local", "base_model": config.get("base_model_name_or_path"), "rank": config["r"]}
+
+
+def compare(lora_weights: str, prompts: list[list[dict]], base_model: str | None = None,
+            compare_base: bool = False, max_tokens: int = 150, temperature: float = 0.7,
+            seed: int = 0) -> dict:
+    """The workflow's test output: LoRA answers (and base answers with `compare_base`), all
+    prompts sampled in one batch, with the same settings and seed for both."""
+    info = adapter_info(lora_weights)
+    base_model = base_model or info["base_model"]
+    if not base_model:
+        raise PipelineError(f"--lora-weights {lora_weights}: no base model recorded; pass --base-model")
+    engine = LocalEngine(base_model, info["rank"], seed, adapter=Path(lora_weights))
+    inputs = [engine.renderer.build_generation_prompt(p) for p in prompts]
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    answers = {"lora": engine.sample(inputs, params, lora=True).result()}
+    if compare_base:
+        answers["base"] = engine.sample(inputs, params, lora=False).result()
+    results = []
+    for i, prompt in enumerate(prompts):
+        row = {"prompt": prompt}
+        for who, seqs in answers.items():
+            row[f"{who}_response"] = engine.tokenizer.decode(seqs[i].tokens, skip_special_tokens=True).strip()
+            row[f"{who}_tokens"] = len(seqs[i].tokens)
+            row[f"{who}_stop_reason"] = seqs[i].stop_reason
+        results.append(row)
+    return {
+        "base_model": base_model, "lora_weights": str(lora_weights), "results": results,
+        "settings": {"max_tokens": max_tokens, "temperature": temperature, "seed": seed},
+    }
+
+
+def run_test(lora_weights: str, output: str, test_prompts: str | None = None, **kwargs) -> dict:
+    result = compare(lora_weights, load_prompts(test_prompts), **kwargs)
+    write_json(Path(output), result)
+    return result

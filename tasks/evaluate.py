@@ -1,0 +1,16 @@
+from prefect import get_run_logger, task
+
+from lora_pipeline.evaluate import run_test
+
+
+@task(name="evaluate-adapter")
+def evaluate_adapter(lora_weights: str, output: str, test_prompts: str | None = None,
+                     base_model: str | None = None, compare_base: bool = False,
+                     max_tokens: int = 150, temperature: float = 0.7, seed: int = 0) -> str:
+    """Samples LoRA (and base) answers to the test prompts; returns the results file."""
+    result = run_test(lora_weights, output, test_prompts, base_model=base_model,
+                      compare_base=compare_base, max_tokens=max_tokens, temperature=temperature,
+                      seed=seed)
+    get_run_logger().info("%d prompts answered by the LoRA%s -> %s", len(result["results"]),
+                          " and the base model" if compare_base else "", output)
+    return output
