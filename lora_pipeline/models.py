@@ -4,8 +4,10 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .errors import PipelineError
 
@@ -82,6 +84,15 @@ def resolve_local_model(base_model: str) -> str:
     return str(path) if path.exists() else base_model
 
 
+def _hub_reachable() -> bool:
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
 def check_local_model(base_model: str) -> None:
     """Fail fast, before any run folder exists, when the base model cannot be found."""
     if base_model in (SMOLLM2, "SmolLM2-135M-Instruct"):
@@ -90,13 +101,20 @@ def check_local_model(base_model: str) -> None:
     from transformers import AutoConfig
 
     source = resolve_local_model(base_model)
+    hint = f"The local engine takes {SMOLLM2} (bundled) or a transformers model folder"
+    try:
+        AutoConfig.from_pretrained(source, local_files_only=True)
+        return
+    except Exception:  # not on disk; the hub may still have it
+        pass
+    # Without this check the hub client retries for half a minute before failing.
+    if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
+        raise PipelineError(f"--base-model {base_model}: not a local folder nor in the Hugging Face "
+                            f"cache, and the hub cannot be reached. {hint}")
     try:
         AutoConfig.from_pretrained(source)
     except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
-        raise PipelineError(
-            f"--base-model {base_model}: cannot load it ({type(e).__name__}). The local engine "
-            f"takes {SMOLLM2} (bundled) or a local transformers model folder"
-        ) from None
+        raise PipelineError(f"--base-model {base_model}: cannot load it ({type(e).__name__}). {hint}") from None
 
 
 def load_tokenizer(base_model: str):

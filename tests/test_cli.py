@@ -1,0 +1,77 @@
+"""The CLI as a user runs it: the installed `lora-pipeline` command, in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+CLI = str(Path(sys.executable).parent / "lora-pipeline")
+
+
+def cli(*args, cwd, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k not in ("TINKER_API_KEY", "PREFECT_API_URL")}
+    return subprocess.run([CLI, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "missing.jsonl"], "--data missing.jsonl: file not found"),
+    (["--data", "bad.jsonl"], "bad.jsonl:2: not valid JSON"),
+    (["--data", "good.jsonl", "--backend", "gpu"], "unknown backend"),
+    (["--data", "good.jsonl", "--base-model", "no/such-model-here"], "hub cannot be reached"),
+    (["--data", "good.jsonl", "--backend", "tinker"], "Missing TINKER_API_KEY"),
+])
+def test_train_input_errors_are_one_line_and_leave_nothing(tmp_path, args, message):
+    good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr!"}]}\n'
+    (tmp_path / "good.jsonl").write_text(good)
+    (tmp_path / "bad.jsonl").write_text(good + "{not json\n")
+    r = cli("train", *args, "--output-dir", "out", cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_without_a_key_says_so(tmp_path):
+    r = cli("inspect", cwd=tmp_path)
+    assert r.returncode == 0
+    assert "tinker SDK 0.38" in r.stdout and "TrainingClient: " in r.stdout
+    assert "TINKER_API_KEY is not set" in r.stdout
+
+
+def test_train_then_test_give_the_workflows_layout(tmp_path, small_data):
+    r = cli("train", "--data", small_data, "--batch", 4, "--max-steps", 4, "--save-every", 2,
+            "--learning-rate", 5e-4, "--output-dir", "checkpoints", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [run] = (tmp_path / "checkpoints").iterdir()
+    assert run.name.startswith("lora_HuggingFaceTB_SmolLM2-135M-Instruct_")
+    for name in ("config.json", "training_log.json", "checkpoint_step_2", "checkpoint_step_4",
+                 "final_lora_weights", "training_state"):
+        assert (run / name).exists(), name
+    assert f"Final LoRA weights: checkpoints/{run.name}/final_lora_weights" in r.stdout
+    assert "step 4/4" in r.stdout + r.stderr  # progress, step by step
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["What is 2 plus 3?", [{"role": "user", "content": "Hello!"}]]))
+    r = cli("test", "--lora-weights", run / "final_lora_weights", "--compare-base",
+            "--test-prompts", prompts, "--max-tokens", 20, "--output", "comparison.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "comparison.json").read_text())
+    assert out["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # read from the adapter
+    assert out["lora_weights"] == str(run / "final_lora_weights")
+    assert [r["prompt"] for r in out["results"]] == [
+        [{"role": "user", "content": "What is 2 plus 3?"}], [{"role": "user", "content": "Hello!"}]]
+    for row in out["results"]:
+        assert row["lora_response"] and row["base_response"]
+        assert 0 < row["lora_tokens"] <= 20 and row["lora_stop_reason"] in ("stop", "length")
+
+
+def test_test_rejects_a_folder_that_is_not_an_adapter(tmp_path):
+    r = cli("test", "--lora-weights", tmp_path, "--output", "x.json", cwd=tmp_path)
+    assert r.returncode == 1 and "not an adapter folder" in r.stderr
+    assert not (tmp_path / "x.json").exists()

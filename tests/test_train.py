@@ -1,0 +1,77 @@
+"""The training loop on the local engine, without Prefect."""
+
+import json
+
+import pytest
+
+from conftest import PROMPTS, SAMPLE
+from lora_pipeline.errors import PipelineError
+from lora_pipeline.evaluate import compare, load_prompts
+from lora_pipeline.train import TrainConfig, TrainingRun, train
+
+
+def test_run_folder_layout_and_log(tmp_path, small_data, monkeypatch):
+    monkeypatch.setenv("TINKER_API_KEY", "tml-do-not-leak-this")
+    cfg = TrainConfig(data=str(small_data), batch=4, max_steps=4, save_every=2, learning_rate=5e-4,
+                      output_dir=str(tmp_path), backend="local", run_name="r1")
+    summary = train(TrainingRun(cfg))
+    run = tmp_path / "r1"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint_step_2", "checkpoint_step_4", "config.json", "final_lora_weights",
+        "summary.json", "training_log.json", "training_state"]
+    log = json.loads((run / "training_log.json").read_text())
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(set(r) == {"step", "loss", "tokens", "lr", "time_s"} for r in log)
+    assert log[0]["lr"] == 5e-4 and log[-1]["lr"] < log[0]["lr"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["backend"] == "local" and config["total_steps"] == 4 and config["batch"] == 4
+    assert summary["final_lora_weights"] == str(run / "final_lora_weights")
+    assert json.loads((run / "training_state" / "state.json").read_text()) == {"step": 4}
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert b"do-not-leak" not in path.read_bytes(), path
+
+
+def test_batches_are_a_function_of_data_seed_and_step(tmp_path, small_data):
+    def run(name, seed=0):
+        return TrainingRun(TrainConfig(data=str(small_data), batch=8, output_dir=str(tmp_path),
+                                       backend="local", run_name=name, seed=seed))
+    a, b, c = run("a"), run("b"), run("c", seed=1)
+    assert a.total_steps == 5  # max_steps 0: one epoch of 40 // 8
+    ids = lambda r, s: [d.model_input.to_ints() for d in r.batch(s)]  # noqa: E731
+    assert all(ids(a, s) == ids(b, s) for s in range(1, 11))
+    assert ids(a, 1) != ids(c, 1)
+    epoch = [tuple(t) for s in range(1, 6) for t in ids(a, s)]
+    assert len(set(epoch)) == 40  # every example once per epoch
+    assert ids(a, 6) != ids(a, 1)  # and a new order the next
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data": "missing.jsonl"}, "file not found"),
+    ({"backend": "gpu"}, "unknown backend"),
+    ({"base_model": "no/such-model-here"}, "hub cannot be reached"),
+    ({"backend": "tinker"}, "Missing TINKER_API_KEY"),
+    ({"batch": 0}, "--batch must be at least 1"),
+    ({"batch": 41}, "fewer than one batch"),
+])
+def test_bad_inputs_fail_before_a_run_folder_exists(tmp_path, small_data, change, message):
+    cfg = TrainConfig(**{"data": str(small_data), "output_dir": str(tmp_path / "out"),
+                         "backend": "local", **change})
+    with pytest.raises(PipelineError, match=message):
+        TrainingRun(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_persona_is_learned_from_the_sample_data(tmp_path):
+    """The demo's promise: a short CPU run makes the LoRA answer as Captain Byte."""
+    cfg = TrainConfig(data=str(SAMPLE), batch=8, max_steps=30, learning_rate=5e-4, save_every=0,
+                      output_dir=str(tmp_path), backend="local", run_name="persona")
+    summary = train(TrainingRun(cfg))
+    log = json.loads((tmp_path / "persona" / "training_log.json").read_text())
+    first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
+    assert last < first / 3, (first, last)
+    out = compare(summary["final_lora_weights"], load_prompts(str(PROMPTS)), compare_base=True,
+                  max_tokens=40, temperature=0)
+    lora = [r["lora_response"].startswith("Arr!") for r in out["results"]]
+    base = [r["base_response"].startswith("Arr!") for r in out["results"]]
+    assert sum(lora) >= 0.8 * len(lora) and not any(base), out["results"]
