@@ -51,8 +51,10 @@ def lora_pipeline(
     compare_base: bool = True,
 ) -> dict:
     """Prepare the data, train a LoRA, answer the test prompts with it and its base, report."""
-    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", Path(dataset).stem if Path(dataset).exists() else dataset)
-    data_file = str(Path(output_dir) / "data" / f"{slug}_{split}_{max_examples or 'all'}.jsonl")
+    # The split only means something for hub datasets; local files are read whole.
+    source = Path(dataset).stem if Path(dataset).exists() else f"{dataset}_{split}"
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", source)
+    data_file = str(Path(output_dir) / "data" / f"{slug}_{max_examples or 'all'}.jsonl")
     prepare_data(dataset, split, data_file, max_examples)
     summary = train_adapter(dict(
         data=data_file, batch=batch, max_steps=max_steps, rank=rank, learning_rate=learning_rate,

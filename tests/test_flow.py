@@ -1,0 +1,43 @@
+"""The lora-pipeline flow under a Prefect test server: stages, step task runs, artifacts."""
+
+import asyncio
+import json
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.pipeline import lora_pipeline
+
+
+async def _task_runs_and_artifacts(flow_run_id):
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = await client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return runs, artifacts
+
+
+def test_pipeline_flow_runs_every_stage_as_tasks(prefect_harness, tmp_path, small_data):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["What is 2 plus 3?", "Hello!"]))
+    state = lora_pipeline(dataset=str(small_data), batch=4, max_steps=3, save_every=2,
+                          learning_rate=5e-4, output_dir=str(tmp_path / "runs"), backend="auto",
+                          run_name="flow", test_prompts=str(prompts), max_tokens=12,
+                          return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    run = tmp_path / "runs" / "flow"
+    assert result["run_dir"] == str(run) and result["backend"] == "local"
+    assert json.loads((run / "results.json").read_text())["results"][0]["base_response"]
+    assert (run / "report.md").read_text().count("| What is 2 plus 3? |") == 1
+    assert (tmp_path / "runs" / "data" / "small_10000.jsonl").exists()
+
+    runs, artifacts = asyncio.run(_task_runs_and_artifacts(state.state_details.flow_run_id))
+    names = {r.name for r in runs}
+    assert {"step-1", "step-2", "step-3", "checkpoint-step-2"} <= names
+    stages = {r.name.rsplit("-", 1)[0] for r in runs}
+    assert {"prepare-data", "train-adapter", "evaluate-adapter", "write-report"} <= stages
+    assert all(r.state.is_completed() for r in runs)
+    assert [a.key for a in artifacts] == ["lora-pipeline-report"]
+    assert "Training loss" in artifacts[0].description
