@@ -3,6 +3,8 @@ from pathlib import Path
 
 from prefect import flow
 
+from lora_pipeline.engines import check_base_model, choose_backend, default_base_model
+
 from tasks.evaluate import evaluate_adapter
 from tasks.prepare import prepare_data
 from tasks.report import write_run_report
@@ -51,6 +53,9 @@ def lora_pipeline(
     compare_base: bool = True,
 ) -> dict:
     """Prepare the data, train a LoRA, answer the test prompts with it and its base, report."""
+    # A missing Tinker key or an unknown model fails here, not after the data is prepared.
+    engine = choose_backend(backend)
+    check_base_model(engine, base_model or default_base_model(engine))
     # The split only means something for hub datasets; local files are read whole.
     source = Path(dataset).stem if Path(dataset).exists() else f"{dataset}_{split}"
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", source)

@@ -41,3 +41,11 @@ def test_pipeline_flow_runs_every_stage_as_tasks(prefect_harness, tmp_path, smal
     assert all(r.state.is_completed() for r in runs)
     assert [a.key for a in artifacts] == ["lora-pipeline-report"]
     assert "Training loss" in artifacts[0].description
+
+
+def test_tinker_backend_without_a_key_fails_before_preparing(prefect_harness, tmp_path, small_data):
+    state = lora_pipeline(dataset=str(small_data), backend="tinker", output_dir=str(tmp_path),
+                          return_state=True)
+    assert state.is_failed()
+    assert "Missing TINKER_API_KEY" in state.message
+    assert not (tmp_path / "data").exists()
