@@ -17,7 +17,8 @@ from lora_pipeline.render import OVERFLOW_CHOICES
 from lora_pipeline.train import TrainConfig, preflight
 
 TRAIN_FLAGS = ("batch", "max_steps", "rank", "learning_rate", "save_every", "output_dir",
-               "backend", "base_model", "seed", "run_name", "max_length", "on_overflow")
+               "backend", "base_model", "seed", "run_name", "max_length", "on_overflow",
+               "request_timeout")
 
 
 def _prepare_args(p):
@@ -45,6 +46,13 @@ def _train_args(p):
     p.add_argument("--max-length", type=int, default=d.max_length, help="token limit per example")
     p.add_argument("--on-overflow", choices=OVERFLOW_CHOICES, default=d.on_overflow,
                    help="what to do with longer examples (default truncate)")
+    _timeout_arg(p)
+
+
+def _timeout_arg(p):
+    d = TrainConfig(data="")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help=f"seconds any one Tinker call may take before it is retried (default {d.request_timeout:g})")
 
 
 def _test_args(p):
@@ -67,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default=None, help="default: the base recorded with the adapter")
     p.add_argument("--compare-base", action="store_true", help="also answer with the base model")
     _test_args(p)
+    _timeout_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="lora_test_results.json")
     p = sub.add_parser("run", help="prepare, train, test and report in one flow")
@@ -134,11 +143,13 @@ def _dispatch(a) -> int:
               f"(report: {a.output}.report.json)")
     elif a.command == "train":
         s = pipeline.train(dataclasses.asdict(cfg))
+        for entry in s["checkpoints"]:
+            print(f"{entry['name']} (step {entry['step']}): {entry['state_path'] or entry['sampler_path']}")
         print(f"Run folder: {s['run_dir']}\nFinal LoRA weights: {s['final_lora_weights']}\n"
               f"Loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} over {s['steps']} steps")
     elif a.command == "test":
         out = pipeline.test(a.lora_weights, a.output, a.test_prompts, a.base_model, a.compare_base,
-                            a.max_tokens, a.temperature, a.seed)
+                            a.max_tokens, a.temperature, a.seed, a.request_timeout)
         print(f"Results: {Path(out)}")
     elif a.command == "run":
         params = {k: getattr(a, k) for k in TRAIN_FLAGS}

@@ -25,9 +25,9 @@ def train(config: dict) -> dict:
 @flow(name="lora-pipeline-test")
 def test(lora_weights: str, output: str, test_prompts: str | None = None,
          base_model: str | None = None, compare_base: bool = False, max_tokens: int = 150,
-         temperature: float = 0.7, seed: int = 0) -> str:
+         temperature: float = 0.7, seed: int = 0, request_timeout: float = 120.0) -> str:
     return evaluate_adapter(lora_weights, output, test_prompts, base_model, compare_base,
-                            max_tokens, temperature, seed)
+                            max_tokens, temperature, seed, request_timeout)
 
 
 @flow(name="lora-pipeline")
@@ -47,6 +47,7 @@ def lora_pipeline(
     run_name: str | None = None,
     max_length: int = 1024,
     on_overflow: str = "truncate",
+    request_timeout: float = 120.0,
     test_prompts: str | None = None,
     max_tokens: int = 150,
     temperature: float = 0.7,
@@ -64,9 +65,10 @@ def lora_pipeline(
     summary = train_adapter(dict(
         data=data_file, batch=batch, max_steps=max_steps, rank=rank, learning_rate=learning_rate,
         save_every=save_every, output_dir=output_dir, backend=backend, base_model=base_model,
-        seed=seed, run_name=run_name, max_length=max_length, on_overflow=on_overflow))
+        seed=seed, run_name=run_name, max_length=max_length, on_overflow=on_overflow,
+        request_timeout=request_timeout))
     results = evaluate_adapter(summary["final_lora_weights"],
                                str(Path(summary["run_dir"]) / "results.json"), test_prompts,
-                               None, compare_base, max_tokens, temperature, seed)
+                               None, compare_base, max_tokens, temperature, seed, request_timeout)
     report = write_run_report(summary, results)
     return {**summary, "results": results, "report": report}

@@ -6,7 +6,7 @@ from pathlib import Path
 from tinker import types
 
 from .data import write_json
-from .engines.local import INFO_FILE, LocalEngine
+from .engines import INFO_FILE, open_sampler
 from .errors import PipelineError
 
 DEFAULT_PROMPTS = [
@@ -46,27 +46,31 @@ def load_prompts(path: str | None) -> list[list[dict]]:
 
 
 def adapter_info(lora_weights: str) -> dict:
-    """What the training run recorded with the adapter: base model, rank, backend."""
+    """What the training run recorded with the adapter: backend, base model, rank (and the
+    tinker:// sampler path). A PEFT folder from elsewhere works too."""
     folder = Path(lora_weights)
-    if not (folder / "adapter_config.json").is_file():
-        raise PipelineError(f"--lora-weights {lora_weights}: not an adapter folder (no "
-                            "adapter_config.json); pass a run's final_lora_weights/ or checkpoint_step_N/")
     if (folder / INFO_FILE).is_file():
-        return json.loads((folder / INFO_FILE).read_text())
-    config = json.loads((folder / "adapter_config.json").read_text())
-    return {"backend": "local", "base_model": config.get("base_model_name_or_path"), "rank": config["r"]}
+        info = json.loads((folder / INFO_FILE).read_text())
+        if info["backend"] == "local" or info.get("sampler_path"):
+            return {**info, "folder": folder}
+    if (folder / "adapter_config.json").is_file():
+        config = json.loads((folder / "adapter_config.json").read_text())
+        return {"backend": "local", "base_model": config.get("base_model_name_or_path"),
+                "rank": config["r"], "folder": folder}
+    raise PipelineError(f"--lora-weights {lora_weights}: not LoRA weights (no adapter_config.json, no "
+                        "sampler path); pass a run's final_lora_weights/")
 
 
 def compare(lora_weights: str, prompts: list[list[dict]], base_model: str | None = None,
             compare_base: bool = False, max_tokens: int = 150, temperature: float = 0.7,
-            seed: int = 0) -> dict:
+            seed: int = 0, request_timeout: float = 120.0) -> dict:
     """The workflow's test output: LoRA answers (and base answers with `compare_base`), all
     prompts sampled in one batch, with the same settings and seed for both."""
     info = adapter_info(lora_weights)
     base_model = base_model or info["base_model"]
     if not base_model:
         raise PipelineError(f"--lora-weights {lora_weights}: no base model recorded; pass --base-model")
-    engine = LocalEngine(base_model, info["rank"], seed, adapter=Path(lora_weights))
+    engine = open_sampler(info, base_model, seed, request_timeout)
     inputs = [engine.renderer.build_generation_prompt(p) for p in prompts]
     params = types.SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     answers = {"lora": engine.sample(inputs, params, lora=True).result()}

@@ -26,7 +26,7 @@ def write_report(summary: dict, results: dict) -> tuple[Path, str]:
         f"| engine | {summary['backend']} |",
         f"| base model | {summary['base_model']} |",
         f"| final adapter | `{summary['final_lora_weights']}` |",
-        f"| checkpoints | {', '.join(Path(c).name for c in summary['checkpoints']) or 'none'} |",
+        f"| checkpoints | {', '.join(e['name'] for e in summary['checkpoints']) or 'none'} |",
         f"| answers | `{run_dir / 'results.json'}` |", "",
         "## Answers", "",
     ]

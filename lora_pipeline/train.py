@@ -5,9 +5,13 @@
     run_dir/checkpoint_step_N/   adapter + optimizer + RNG + step, every `save_every` steps
     run_dir/final_lora_weights/  the adapter to use for inference
     run_dir/training_state/      what resuming needs, as of the last step
+    run_dir/checkpoints.jsonl    every saved state and sampler path (tinker:// on Tinker), as made
+
+On Tinker the checkpoint folders hold the tinker:// paths (lora_pipeline.json), not weights.
 """
 
 import dataclasses
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -18,7 +22,7 @@ import numpy as np
 from tinker import types
 
 from .data import read_chat_jsonl, write_json
-from .engines import check_base_model, choose_backend, default_base_model, make_engine
+from .engines import EngineTimeout, check_base_model, choose_backend, default_base_model, make_engine
 from .errors import PipelineError
 from .render import OVERFLOW_CHOICES, render_conversations
 
@@ -42,6 +46,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.0
+    request_timeout: float = 120.0  # seconds any one engine call may take (Tinker)
 
     def check(self) -> None:
         for name in ("batch", "rank"):
@@ -50,6 +55,8 @@ class TrainConfig:
         for name in ("max_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise PipelineError(f"--{name.replace('_', '-')} must be 0 or more")
+        if not self.request_timeout > 0:
+            raise PipelineError("--request-timeout must be positive")
         if not self.learning_rate > 0:
             raise PipelineError("--learning-rate must be positive")
         if self.on_overflow not in OVERFLOW_CHOICES:
@@ -86,26 +93,32 @@ class TrainingRun:
         if self.run_dir.exists():
             raise PipelineError(f"{self.run_dir} already exists; choose another --run-name or "
                                 "--output-dir")
-        self.engine = make_engine(self.backend, self.base_model, cfg.rank, cfg.seed, self.run_dir)
+        self.engine = self._new_engine()
         self.examples, self.render_report = render_conversations(
             conversations, self.engine.renderer, cfg.max_length, cfg.on_overflow)
         if len(self.examples) < cfg.batch:
             raise PipelineError(f"--data {cfg.data}: {len(self.examples)} usable examples, fewer than "
                                 f"one batch of {cfg.batch}; lower --batch or add data")
         # The last partial batch of an epoch is dropped: every step then sees `batch` examples,
-        # and a step's batch depends only on (data, seed, step), which exact resume relies on.
+        # and a step's batch depends only on (data, seed, step), which exact replay relies on.
         self.steps_per_epoch = len(self.examples) // cfg.batch
         self.total_steps = cfg.max_steps or self.steps_per_epoch
         self.log: list[dict] = []
-        self.checkpoints: list[str] = []
+        self.saved: list[dict] = []  # the registry's entries, as in checkpoints.jsonl
+        self.dirty = False  # a step failed part-way: the engine's state is unknown
         self.started = time.monotonic()
         self.run_dir.mkdir(parents=True)
         write_json(self.run_dir / "config.json", {
             **dataclasses.asdict(cfg), "backend_requested": cfg.backend, "backend": self.backend,
-            "base_model": self.base_model,
-            "run_dir": str(self.run_dir), "examples": len(self.examples),
-            "total_steps": self.total_steps, "rendering": self.render_report.summary(),
+            "base_model": self.base_model, "run_dir": str(self.run_dir),
+            "examples": len(self.examples), "total_steps": self.total_steps,
+            "rendering": self.render_report.summary(),
         })
+
+    def _new_engine(self):
+        cfg = self.cfg
+        return make_engine(self.backend, self.base_model, cfg.rank, cfg.seed, self.run_dir,
+                           cfg.request_timeout)
 
     def describe(self) -> str:
         return (f"engine {self.backend}, base model {self.base_model}, "
@@ -118,51 +131,89 @@ class TrainingRun:
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.examples))
         return [self.examples[j] for j in order[i * self.cfg.batch:(i + 1) * self.cfg.batch]]
 
-    def step(self, step: int) -> dict:
-        """One optimizer step; returns and logs its record."""
+    def learning_rate(self, step: int) -> float:
+        return self.cfg.learning_rate * (1 - (step - 1) / self.total_steps)  # linear decay to ~0
+
+    def _apply(self, step: int) -> types.ForwardBackwardOutput:
         cfg = self.cfg
-        start = time.monotonic()
-        batch = self.batch(step)
-        lr = cfg.learning_rate * (1 - (step - 1) / self.total_steps)  # linear decay to ~0
-        adam = types.AdamParams(learning_rate=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-                                weight_decay=cfg.weight_decay)
+        adam = types.AdamParams(learning_rate=self.learning_rate(step), beta1=cfg.beta1,
+                                beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
         # Both are submitted before either is awaited: on Tinker they then share a clock cycle.
-        fb = self.engine.forward_backward(batch, "cross_entropy")
+        fb = self.engine.forward_backward(self.batch(step), "cross_entropy")
         opt = self.engine.optim_step(adam)
         out = fb.result()
         opt.result()
-        tokens = sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in batch)
+        return out
+
+    def _recover(self, step: int) -> None:
+        """Bring the engine to the state right after step-1 without trusting it: a failed try
+        may have applied forward_backward, or even optim_step. Restore the newest saved state
+        (or start afresh from the seed) and replay the steps since, with the same batches."""
+        states = [e for e in self.saved if e["state_path"] and e["step"] < step]
+        if states:
+            self.engine.load_state(states[-1]["state_path"])
+            done = states[-1]["step"]
+        else:
+            self.engine = self._new_engine()
+            done = 0
+        for k in range(done + 1, step):
+            self._apply(k)
+
+    def step(self, step: int) -> dict:
+        """One optimizer step; returns and logs its record. A retry after a failure replays
+        from the last saved state, so each step is applied exactly once."""
+        start = time.monotonic()
+        try:
+            if self.dirty:
+                self._recover(step)
+            self.dirty = True
+            out = self._apply(step)
+            self.dirty = False
+        except EngineTimeout as e:
+            e.where = f"step {step}"
+            raise
+        tokens = sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in self.batch(step))
         record = {"step": step, "loss": out.metrics["loss:sum"] / tokens, "tokens": int(tokens),
-                  "lr": lr, "time_s": round(time.monotonic() - start, 4)}
+                  "lr": self.learning_rate(step), "time_s": round(time.monotonic() - start, 4)}
         self.log.append(record)
         write_json(self.run_dir / "training_log.json", self.log)
         return record
 
+    def _register(self, name: str, step: int, state_path=None, sampler_path=None) -> dict:
+        entry = {"name": name, "step": step, "state_path": state_path, "sampler_path": sampler_path,
+                 "time": datetime.now().isoformat(timespec="seconds")}
+        with open(self.run_dir / "checkpoints.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.saved.append(entry)
+        return entry
+
     def save_checkpoint(self, step: int) -> str:
-        path = self.engine.save_state(f"checkpoint_step_{step}", {"step": step}).result()
-        self.checkpoints.append(path)
-        return path
+        name = f"checkpoint_step_{step}"
+        return self._register(name, step, state_path=self.engine.save_state(name).result())["state_path"]
 
     def finish(self) -> dict:
+        steps = len(self.log)
         final = self.engine.save_weights_for_sampler("final_lora_weights").result()
-        self.engine.save_state("training_state", {"step": len(self.log)}).result()
-        elapsed = time.monotonic() - self.started
+        self._register("final_lora_weights", steps, sampler_path=final)
+        self._register("training_state", steps, state_path=self.engine.save_state("training_state").result())
         summary = {
-            "run_dir": str(self.run_dir), "final_lora_weights": final, "checkpoints": self.checkpoints,
-            "backend": self.backend, "base_model": self.base_model, "steps": len(self.log),
-            "first_loss": self.log[0]["loss"], "last_loss": self.log[-1]["loss"],
-            "tokens": sum(r["tokens"] for r in self.log), "time_s": round(elapsed, 2),
+            "run_dir": str(self.run_dir), "final_lora_weights": str(self.run_dir / "final_lora_weights"),
+            "checkpoints": self.saved, "backend": self.backend, "base_model": self.base_model,
+            "steps": steps, "first_loss": self.log[0]["loss"], "last_loss": self.log[-1]["loss"],
+            "tokens": sum(r["tokens"] for r in self.log),
+            "time_s": round(time.monotonic() - self.started, 2),
         }
         write_json(self.run_dir / "summary.json", summary)
         return summary
 
 
-def train(run: TrainingRun, step=TrainingRun.step, save=TrainingRun.save_checkpoint) -> dict:
-    """Train to the end and return the run's summary. `step` and `save` are called as
-    `step(run, n)` and `save(run, n)`; the Prefect layer passes tasks here so that each step
-    and each checkpoint is a task run of its own."""
+def train(run: TrainingRun, step=TrainingRun.step, save=TrainingRun.save_checkpoint,
+          finish=TrainingRun.finish) -> dict:
+    """Train to the end and return the run's summary. `step`, `save` and `finish` are called
+    as `step(run, n)`, `save(run, n)`, `finish(run)`; the Prefect layer passes tasks here so
+    that each step and each save is a task run of its own, retried on its own."""
     for n in range(1, run.total_steps + 1):
         step(run, n)
         if run.cfg.save_every and n % run.cfg.save_every == 0:
             save(run, n)
-    return run.finish()
+    return finish(run)

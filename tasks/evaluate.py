@@ -2,15 +2,18 @@ from prefect import get_run_logger, task
 
 from lora_pipeline.evaluate import run_test
 
+from . import RETRY
 
-@task(name="evaluate-adapter")
+
+@task(name="evaluate-adapter", **RETRY)
 def evaluate_adapter(lora_weights: str, output: str, test_prompts: str | None = None,
                      base_model: str | None = None, compare_base: bool = False,
-                     max_tokens: int = 150, temperature: float = 0.7, seed: int = 0) -> str:
+                     max_tokens: int = 150, temperature: float = 0.7, seed: int = 0,
+                     request_timeout: float = 120.0) -> str:
     """Samples LoRA (and base) answers to the test prompts; returns the results file."""
     result = run_test(lora_weights, output, test_prompts, base_model=base_model,
                       compare_base=compare_base, max_tokens=max_tokens, temperature=temperature,
-                      seed=seed)
+                      seed=seed, request_timeout=request_timeout)
     get_run_logger().info("%d prompts answered by the LoRA%s -> %s", len(result["results"]),
                           " and the base model" if compare_base else "", output)
     return output

@@ -3,10 +3,21 @@ from prefect.cache_policies import NO_CACHE
 
 from lora_pipeline.train import TrainConfig, TrainingRun, train
 
+from . import RETRY
 
 # The run (engine, model, optimizer) is passed between these tasks in memory: it is neither
 # hashable for a cache key nor worth persisting, hence NO_CACHE.
-@task(name="train-step", task_run_name="step-{n}", cache_policy=NO_CACHE)
+
+
+@task(name="start-training", cache_policy=NO_CACHE, **RETRY)
+def start_training(config: dict) -> TrainingRun:
+    """Checks the inputs, starts the engine (a Tinker session), makes the run folder."""
+    run = TrainingRun(TrainConfig(**config))
+    get_run_logger().info(run.describe())
+    return run
+
+
+@task(name="train-step", task_run_name="step-{n}", cache_policy=NO_CACHE, **RETRY)
 def train_step(run: TrainingRun, n: int) -> dict:
     r = run.step(n)
     get_run_logger().info("step %d/%d  loss %.4f  tokens %d  lr %.2e  %.2f s",
@@ -14,19 +25,27 @@ def train_step(run: TrainingRun, n: int) -> dict:
     return r
 
 
-@task(name="save-checkpoint", task_run_name="checkpoint-step-{n}", cache_policy=NO_CACHE)
+@task(name="save-checkpoint", task_run_name="checkpoint-step-{n}", cache_policy=NO_CACHE, **RETRY)
 def save_checkpoint(run: TrainingRun, n: int) -> str:
     path = run.save_checkpoint(n)
-    get_run_logger().info("saved %s", path)
+    get_run_logger().info("saved checkpoint_step_%d: %s", n, path)
     return path
+
+
+@task(name="save-final-weights", cache_policy=NO_CACHE, **RETRY)
+def finish_training(run: TrainingRun) -> dict:
+    summary = run.finish()
+    logger = get_run_logger()
+    for entry in summary["checkpoints"]:
+        logger.info("%s (step %d): %s", entry["name"], entry["step"],
+                    entry["state_path"] or entry["sampler_path"])
+    return summary
 
 
 @task(name="train-adapter", cache_policy=NO_CACHE)
 def train_adapter(config: dict) -> dict:
     """Trains a LoRA from a prepared data file; returns the run's summary (paths, losses)."""
-    logger = get_run_logger()
-    run = TrainingRun(TrainConfig(**config))
-    logger.info(run.describe())
-    summary = train(run, step=train_step, save=save_checkpoint)
-    logger.info("final LoRA weights: %s", summary["final_lora_weights"])
+    run = start_training(config)
+    summary = train(run, step=train_step, save=save_checkpoint, finish=finish_training)
+    get_run_logger().info("final LoRA weights: %s", summary["final_lora_weights"])
     return summary

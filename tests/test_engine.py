@@ -76,12 +76,12 @@ def test_save_state_then_load_state_continues_exactly(tmp_path):
     engine = make(tmp_path / "a")
     b1, b2, b3, b4 = batches(engine, 4)
     step(engine, b1), step(engine, b2)
-    saved = engine.save_state("checkpoint_step_2", {"step": 2}).result()
+    saved = engine.save_state("checkpoint_step_2").result()
     step(engine, b3), step(engine, b4)
     uninterrupted = lora_weights(engine)
 
     resumed = make(tmp_path / "b", seed=123)  # a different init, overwritten by the load
-    assert resumed.load_state(saved) == {"step": 2}
+    resumed.load_state(saved)
     step(resumed, b3), step(resumed, b4)
     assert max_diff(uninterrupted, lora_weights(resumed)) <= 1e-6
 

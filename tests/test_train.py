@@ -17,8 +17,8 @@ def test_run_folder_layout_and_log(tmp_path, small_data, monkeypatch):
     summary = train(TrainingRun(cfg))
     run = tmp_path / "r1"
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoint_step_2", "checkpoint_step_4", "config.json", "final_lora_weights",
-        "summary.json", "training_log.json", "training_state"]
+        "checkpoint_step_2", "checkpoint_step_4", "checkpoints.jsonl", "config.json",
+        "final_lora_weights", "summary.json", "training_log.json", "training_state"]
     log = json.loads((run / "training_log.json").read_text())
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(set(r) == {"step", "loss", "tokens", "lr", "time_s"} for r in log)
@@ -26,7 +26,12 @@ def test_run_folder_layout_and_log(tmp_path, small_data, monkeypatch):
     config = json.loads((run / "config.json").read_text())
     assert config["backend"] == "local" and config["total_steps"] == 4 and config["batch"] == 4
     assert summary["final_lora_weights"] == str(run / "final_lora_weights")
-    assert json.loads((run / "training_state" / "state.json").read_text()) == {"step": 4}
+    registry = [json.loads(line) for line in (run / "checkpoints.jsonl").read_text().splitlines()]
+    assert [(e["name"], e["step"]) for e in registry] == [
+        ("checkpoint_step_2", 2), ("checkpoint_step_4", 4), ("final_lora_weights", 4),
+        ("training_state", 4)]
+    assert registry[0]["state_path"] == str(run / "checkpoint_step_2")
+    assert registry[2]["sampler_path"] == str(run / "final_lora_weights")
     for path in run.rglob("*"):
         if path.is_file():
             assert b"do-not-leak" not in path.read_bytes(), path
@@ -75,3 +80,41 @@ def test_persona_is_learned_from_the_sample_data(tmp_path):
     lora = [r["lora_response"].startswith("Arr!") for r in out["results"]]
     base = [r["base_response"].startswith("Arr!") for r in out["results"]]
     assert sum(lora) >= 0.8 * len(lora) and not any(base), out["results"]
+
+
+def _adapter(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final_lora_weights" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("fail_at", [1, 3])
+def test_a_retried_step_is_applied_exactly_once(tmp_path, small_data, fail_at):
+    """A failure after forward_backward was applied (its gradients are in the engine) and a
+    retry: the final adapter equals an uninterrupted run's."""
+    def config(name):
+        return TrainConfig(data=str(small_data), batch=4, max_steps=4, save_every=2,
+                           learning_rate=5e-4, output_dir=str(tmp_path), backend="local", run_name=name)
+
+    train(TrainingRun(config("clean")))
+
+    run = TrainingRun(config("retried"))
+    real_optim_step = run.engine.optim_step
+
+    def crash(step, n):
+        if n == fail_at and not crash.done:
+            crash.done = True
+            run.engine.optim_step = lambda adam: (_ for _ in ()).throw(ConnectionError("injected"))
+            try:
+                with pytest.raises(ConnectionError):
+                    TrainingRun.step(run, n)
+            finally:
+                run.engine.optim_step = real_optim_step
+        return TrainingRun.step(run, n)  # the retry
+    crash.done = False
+    train(run, step=crash)
+
+    clean, retried = _adapter(tmp_path / "clean"), _adapter(tmp_path / "retried")
+    assert max(float((clean[k] - retried[k]).abs().max()) for k in clean) <= 1e-6
+    log = json.loads((tmp_path / "retried" / "training_log.json").read_text())
+    assert [r["step"] for r in log] == [1, 2, 3, 4]

@@ -10,6 +10,36 @@ from ..errors import PipelineError
 from ..models import DEFAULT_TINKER_MODEL, SMOLLM2
 
 BACKENDS = ("local", "tinker", "auto")
+# Saved beside every adapter, state or checkpoint record: backend, base model, rank (and the
+# tinker:// paths for Tinker runs).
+INFO_FILE = "lora_pipeline.json"
+
+
+class EngineTimeout(PipelineError, TimeoutError):
+    """An engine call that did not finish within its deadline. `where` (a step, say) is added
+    by the caller that knows it."""
+
+    def __init__(self, op: str, seconds: float, where: str | None = None):
+        self.op, self.seconds, self.where = op, seconds, where
+        super().__init__(op, seconds, where)
+
+    def __str__(self) -> str:
+        where = f" for {self.where}" if self.where else ""
+        return f"Tinker did not answer {self.op}{where} within {self.seconds:g} s"
+
+
+def retryable(e: BaseException) -> bool:
+    """Failures that may pass on their own: timeouts, lost connections, rate limits, server
+    errors. Authentication, bad requests and unknown models are final."""
+    import tinker
+
+    if isinstance(e, (TimeoutError, tinker.APIConnectionError)):
+        return True
+    if isinstance(e, tinker.APIStatusError):
+        return e.status_code in (408, 409, 429) or e.status_code >= 500
+    if isinstance(e, tinker.RequestFailedError):
+        return str(e.category).lower() == "server"
+    return False
 
 
 def choose_backend(backend: str) -> str:
@@ -35,9 +65,12 @@ def check_base_model(backend: str, base_model: str) -> None:
         check_local_model(base_model)
 
 
-def make_engine(backend: str, base_model: str, rank: int, seed: int, root):
+def make_engine(backend: str, base_model: str, rank: int, seed: int, root, request_timeout: float):
     if backend == "tinker":
         check_tinker_ready()
+        from .tinker_engine import TinkerEngine
+
+        return TinkerEngine(base_model, rank, seed, root, request_timeout)
     from .local import LocalEngine
 
     return LocalEngine(base_model, rank, seed, root=root)
@@ -48,5 +81,17 @@ def check_tinker_ready() -> None:
         raise PipelineError("Missing TINKER_API_KEY in environment: `export TINKER_API_KEY=...` "
                             "(and TINKER_BASE_URL or TINKER_API_BASE for a non-default service), "
                             "or train on this machine with --backend local")
-    raise PipelineError("the tinker backend is not available in this version yet; "
-                        "use --backend local")
+
+
+def open_sampler(info: dict, base_model: str, seed: int, request_timeout: float):
+    """An engine to answer prompts with saved LoRA weights (`info` is the lora_pipeline.json
+    saved beside them) and with their base model."""
+    if info["backend"] == "tinker":
+        check_tinker_ready()
+        from .tinker_engine import TinkerEngine
+
+        return TinkerEngine(base_model, info["rank"], seed, None, request_timeout,
+                            sampler_path=info["sampler_path"])
+    from .local import LocalEngine
+
+    return LocalEngine(base_model, info["rank"], seed, adapter=info["folder"])

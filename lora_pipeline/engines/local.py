@@ -19,9 +19,9 @@ from ..data import umask_mode
 from ..errors import PipelineError
 from ..models import load_model, load_tokenizer
 from ..render import renderer_for
+from . import INFO_FILE
 
 ADAPTER_FILE = "adapter_model.safetensors"
-INFO_FILE = "lora_pipeline.json"
 
 
 def _done(value) -> Future:
@@ -176,17 +176,16 @@ class LocalEngine:
         """A PEFT adapter folder, loadable with `peft.PeftModel.from_pretrained`."""
         return _done(self._write(name, lambda tmp: None))
 
-    def save_state(self, name: str, metadata: dict | None = None) -> Future:
-        """The adapter plus what resuming needs: optimizer state, RNG state and `metadata`
-        (the trainer's step and data position). Written whole or not at all."""
+    def save_state(self, name: str) -> Future:
+        """The adapter plus what resuming needs: optimizer and RNG state. Written whole or not
+        at all."""
         def write(tmp: Path) -> None:
             torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()},
                        tmp / "training_state.pt")
-            (tmp / "state.json").write_text(json.dumps(metadata or {}, indent=2) + "\n")
         return _done(self._write(name, write))
 
-    def load_state(self, path: str | Path) -> dict:
-        """Restore adapter, optimizer and RNG from `save_state`; returns its metadata."""
+    def load_state(self, path: str | Path) -> None:
+        """Restore adapter, optimizer and RNG saved by `save_state`."""
         path = Path(path)
         if not (path / "training_state.pt").exists():
             raise PipelineError(f"{path}: not a saved training state (no training_state.pt)")
@@ -197,5 +196,5 @@ class LocalEngine:
         set_peft_model_state_dict(self.model, load_file(str(path / ADAPTER_FILE)))
         state = torch.load(path / "training_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.zero_grad(set_to_none=True)  # gradients of an unfinished step are not state
         torch.set_rng_state(state["rng"])
-        return json.loads((path / "state.json").read_text())
