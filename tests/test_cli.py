@@ -73,5 +73,5 @@ def test_train_then_test_give_the_workflows_layout(tmp_path, small_data):
 
 def test_test_rejects_a_folder_that_is_not_an_adapter(tmp_path):
     r = cli("test", "--lora-weights", tmp_path, "--output", "x.json", cwd=tmp_path)
-    assert r.returncode == 1 and "not an adapter folder" in r.stderr
+    assert r.returncode == 1 and "not LoRA weights" in r.stderr
     assert not (tmp_path / "x.json").exists()
