@@ -1,0 +1,421 @@
+"""The real tinker SDK (0.38) against tests/tinker_server.py: the happy path and every fault kind.
+
+The fault tests also pin down what the SDK itself does (its own retries, what blocks, what
+a timeout leaves running), which the engine's deadline handling relies on. Measured with
+default SDK settings against this server (too slow to be tests):
+
+- hung create_session / client_config: the first ``create_*`` call blocks the caller's
+  thread ~716 s (11 attempts x 60 s read timeout + backoff), then ``APITimeoutError``.
+- 500/429/drop forever on create_session: 11 attempts, ~56-61 s, then
+  ``InternalServerError`` / ``RateLimitError`` / ``APIConnectionError``.
+- 500 forever on optim_step (forward_backward alike) submission: ~302 s (5 rounds of
+  11 HTTP attempts), then ``InternalServerError`` from ``result()``; on save_state
+  (``max_retries=0``): 15 attempts, 300 s. On sample: never gives up (a new 300 s round
+  follows each), bounded only by the 120 min stuck-detection.
+- hang forever on optim_step submission: ~719 s (11 attempts), then ``APITimeoutError``;
+  meanwhile later ops on that TrainingClient are not submitted.
+- hang once on a submission: the SDK resubmits after 60.5 s; hang once on retrieve_future:
+  re-polled after 46 s (45 s timeout + 1 s backoff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import tinker
+import torch
+from tinker_server import TinkerTestServer
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # deprecated-but-supported SDK calls
+
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+QWEN = "Qwen/Qwen3-8B"
+
+
+def make_datum(tokens: list[int]) -> tinker.Datum:
+    inputs, targets = tokens[:-1], tokens[1:]
+    return tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(inputs),
+        loss_fn_inputs={
+            "target_tokens": tinker.TensorData.from_torch(torch.tensor(targets, dtype=torch.int64)),
+            "weights": tinker.TensorData.from_torch(torch.ones(len(targets), dtype=torch.float32)),
+        },
+    )
+
+
+DATA = [make_datum([1, 2, 3, 4, 5, 6]), make_datum([7, 8, 9])]  # target lengths 5 and 2
+
+
+def mean_nll(out: tinker.ForwardBackwardOutput) -> float:
+    total = sum(float(o["logprobs"].to_torch().sum()) for o in out.loss_fn_outputs)
+    return -total / sum(len(d.loss_fn_inputs["target_tokens"].data) for d in DATA)
+
+
+def counts(server: TinkerTestServer, op: str, since: float) -> int:
+    return sum(1 for o, t in server.requests if o == op and t >= since)
+
+
+@pytest.fixture
+def server():
+    with TinkerTestServer() as s:
+        yield s
+
+
+@pytest.fixture
+def service(server):
+    sc = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+    yield sc
+    # Finish the session while the server is still up, so no heartbeat or retry outlives it.
+    server.clear_faults()
+    if not server.running:
+        return
+    try:
+        sc.close("success").result(timeout=5)
+    except Exception:
+        pass
+
+
+@pytest.fixture
+def trainer(service):
+    return service.create_lora_training_client(SMOL, rank=8, seed=3).result(timeout=10)
+
+
+# ----- happy path -------------------------------------------------------------------------
+
+
+def test_capabilities_default_and_configured(server, service):
+    names = [m.model_name for m in service.get_server_capabilities().supported_models]
+    assert SMOL in names and QWEN in names
+    rest = tinker.RestClient(base_url=server.base_url, api_key=server.api_key)
+    assert [m.model_name for m in rest.get_server_capabilities().result(timeout=10).supported_models] == names
+
+    with TinkerTestServer(models=["acme/tiny-1"]) as other:
+        sc = tinker.ServiceClient(base_url=other.base_url, api_key=other.api_key)
+        caps = sc.get_server_capabilities()
+        assert [m.model_name for m in caps.supported_models] == ["acme/tiny-1"]
+        assert caps.supported_models[0].trainable and caps.supported_models[0].sampleable
+
+
+def test_service_client_does_no_io_until_first_create(server):
+    tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+    assert server.requests == []
+
+
+def test_training_steps_loss_falls_and_checkpoints(server, service, trainer):
+    assert server.count("create_session") == 1
+    run = server.runs[trainer.model_id]
+    assert (run.base_model, run.rank, run.seed, run.steps) == (SMOL, 8, 3, 0)
+    info = trainer.get_info()
+    assert info.model_id == trainer.model_id and info.lora_rank == 8
+    assert info.model_data.model_name == SMOL
+
+    # Submit all three steps before waiting for any.
+    futures = [
+        (trainer.forward_backward(DATA, "cross_entropy"), trainer.optim_step(tinker.AdamParams(learning_rate=1e-4)))
+        for _ in range(3)
+    ]
+    outs = [(fb.result(timeout=10), opt.result(timeout=10)) for fb, opt in futures]
+    losses = [mean_nll(fb) for fb, _ in outs]
+    assert losses[0] > losses[1] > losses[2]
+    assert losses[0] == pytest.approx(3.0)
+    for fb, _ in outs:
+        assert [o["logprobs"].shape for o in fb.loss_fn_outputs] == [[5], [2]]
+        assert fb.metrics["loss:sum"] == pytest.approx(-sum(float(o["logprobs"].to_torch().sum()) for o in fb.loss_fn_outputs))
+    assert run.steps == 3
+    assert run.last_optim_params["learning_rate"] == pytest.approx(1e-4)
+
+    fwd = trainer.forward(DATA, "cross_entropy").result(timeout=10)
+    assert mean_nll(fwd) == pytest.approx(3.0 * 0.9**3, rel=1e-5)
+    assert run.steps == 3  # forward does not train
+
+    state = trainer.save_state("step-3").result(timeout=10)
+    assert state.path == f"tinker://{trainer.model_id}/weights/step-3"
+    sampler = trainer.save_weights_for_sampler("step-3").result(timeout=10)
+    assert sampler.path == f"tinker://{trainer.model_id}/sampler_weights/step-3"
+    assert [(c.name, c.type, c.path, c.step) for c in run.checkpoints] == [
+        ("step-3", "training", state.path, 3),
+        ("step-3", "sampler", sampler.path, 3),
+    ]
+
+    rest = service.create_rest_client()
+    runs = rest.list_training_runs().result(timeout=10)
+    assert [r.training_run_id for r in runs.training_runs] == [trainer.model_id]
+    assert runs.training_runs[0].lora_rank == 8 and runs.training_runs[0].base_model == SMOL
+    assert runs.training_runs[0].last_checkpoint.tinker_path == state.path
+    ckpts = rest.list_checkpoints(trainer.model_id).result(timeout=10)
+    assert [(c.checkpoint_type, c.tinker_path) for c in ckpts.checkpoints] == [
+        ("training", state.path),
+        ("sampler", sampler.path),
+    ]
+    assert rest.get_training_run(trainer.model_id).result(timeout=10).training_run_id == trainer.model_id
+
+
+def test_resume_from_state_with_optimizer_and_sample(server, service, trainer):
+    for _ in range(2):
+        trainer.forward_backward(DATA, "cross_entropy")
+        trainer.optim_step(tinker.AdamParams(learning_rate=1e-4))
+    state = trainer.save_state("mid").result(timeout=10)
+    sampler_path = trainer.save_weights_for_sampler("mid").result(timeout=10).path
+
+    resumed = service.create_training_client_from_state_with_optimizer(state.path).result(timeout=10)
+    assert resumed.model_id != trainer.model_id
+    new_run = server.runs[resumed.model_id]
+    assert (new_run.steps, new_run.resumed_from, new_run.optimizer_restored) == (2, state.path, True)
+    assert (new_run.base_model, new_run.rank) == (SMOL, 8)
+    loss_before = mean_nll(resumed.forward_backward(DATA, "cross_entropy").result(timeout=10))
+    resumed.optim_step(tinker.AdamParams()).result(timeout=10)
+    loss_after = mean_nll(resumed.forward(DATA, "cross_entropy").result(timeout=10))
+    assert loss_before == pytest.approx(3.0 * 0.9**2, rel=1e-5) and loss_after < loss_before
+
+    with pytest.raises(tinker.RequestFailedError):
+        service.create_training_client_from_state_with_optimizer(
+            f"tinker://{trainer.model_id}/weights/missing"
+        ).result(timeout=10)
+
+    prompt = tinker.ModelInput.from_ints([1, 2, 3])
+    sc = service.create_sampling_client(model_path=sampler_path).result(timeout=10)
+    short = sc.sample(prompt, 2, tinker.SamplingParams(max_tokens=3, temperature=0.7)).result(timeout=10)
+    assert len(short.sequences) == 2
+    for seq in short.sequences:
+        assert seq.tokens == server.sample_tokens[:3] and seq.stop_reason == "length"
+        assert seq.logprobs == pytest.approx([-3.0 * 0.9**2] * 3, rel=1e-5)
+    full = sc.sample(prompt, 1, tinker.SamplingParams(max_tokens=50)).result(timeout=10)
+    assert full.sequences[0].tokens == server.sample_tokens and full.sequences[0].stop_reason == "stop"
+
+    base = service.create_sampling_client(base_model=QWEN).result(timeout=10)
+    out = base.sample(prompt, 1, tinker.SamplingParams(max_tokens=50)).result(timeout=10)
+    assert out.sequences[0].logprobs == pytest.approx([-3.0] * len(server.sample_tokens))
+
+    quick = trainer.save_weights_and_get_sampling_client().result(timeout=10)
+    assert quick.sample(prompt, 1, tinker.SamplingParams(max_tokens=2)).result(timeout=10).sequences[0].tokens == (
+        server.sample_tokens[:2]
+    )
+
+
+def test_async_variants(server):
+    async def main() -> list[float]:
+        sc = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+        tc = await sc.create_lora_training_client(SMOL, rank=4)  # session creation blocks this loop
+        losses = []
+        for _ in range(2):
+            fb = tc.forward_backward(DATA, "cross_entropy")
+            opt = tc.optim_step(tinker.AdamParams())
+            losses.append(mean_nll(await fb))
+            await opt.result_async(timeout=10)
+        path = (await tc.save_weights_for_sampler("a")).path
+        sampler = await sc.create_sampling_client(model_path=path)
+        res = await sampler.sample(tinker.ModelInput.from_ints([1]), 1, tinker.SamplingParams(max_tokens=4))
+        assert res.sequences[0].tokens == server.sample_tokens[:4]
+        await sc.close("success")
+        return losses
+
+    losses = asyncio.run(main())
+    assert losses[0] > losses[1]
+
+
+def test_unknown_base_model_is_bad_request(service):
+    with pytest.raises(tinker.BadRequestError, match="not supported"):
+        service.create_lora_training_client("nope/unknown-model").result(timeout=10)
+    with pytest.raises(tinker.BadRequestError):
+        service.create_sampling_client(base_model="nope/unknown-model").result(timeout=10)
+
+
+# ----- faults -----------------------------------------------------------------------------
+
+
+def test_hang_on_submission_times_out_caller_and_blocks_the_clients_queue(server, trainer):
+    server.fault("optim_step", "hang", times=1)
+    t0 = time.monotonic()
+    hung = trainer.optim_step(tinker.AdamParams())
+    with pytest.raises(TimeoutError):
+        hung.result(timeout=2)
+    assert 1.9 < time.monotonic() - t0 < 4
+    # Requests on one TrainingClient are submitted in order: the next one waits behind the
+    # hung submission (the SDK only retries it after its 60 s read timeout).
+    nxt = trainer.forward(DATA, "cross_entropy")
+    with pytest.raises(TimeoutError):
+        nxt.result(timeout=1)
+    assert counts(server, "optim_step", t0) == 1 and counts(server, "forward", t0) == 0
+    # Stopping the server does not wait for the hung request.
+    t1 = time.monotonic()
+    server.stop()
+    assert time.monotonic() - t1 < 1.5
+
+
+def test_hang_on_create_session_blocks_the_callers_thread(server):
+    sc = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+    server.fault("create_session", "hang")
+    outcome: list[object] = []
+
+    def create() -> None:
+        try:
+            outcome.append(sc.create_lora_training_client(SMOL))  # blocks here, no future yet
+        except BaseException as e:  # noqa: BLE001 - the server is stopped under it
+            outcome.append(e)
+
+    t = threading.Thread(target=create, daemon=True)
+    t.start()
+    t.join(timeout=3)
+    assert t.is_alive() and outcome == []
+    assert server.count("create_session") == 1  # no SDK retry before its 60 s read timeout
+    t1 = time.monotonic()
+    server.stop()
+    assert time.monotonic() - t1 < 1.5
+
+
+def test_slow_answer(server, trainer):
+    server.fault("optim_step", "slow", delay=1.5, times=1)
+    t0 = time.monotonic()
+    fut = trainer.optim_step(tinker.AdamParams())
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.5)
+    fut.result(timeout=10)
+    assert time.monotonic() - t0 >= 1.5
+    assert counts(server, "optim_step", t0) == 1
+
+
+@pytest.mark.parametrize("status", ["500", "429"])
+def test_transient_status_on_submission_is_retried_by_sdk(server, trainer, status):
+    server.fault("optim_step", status, times=2)
+    t0 = time.monotonic()
+    trainer.optim_step(tinker.AdamParams()).result(timeout=20)
+    assert counts(server, "optim_step", t0) == 3  # the SDK's HTTP layer retried twice itself
+    assert time.monotonic() - t0 < 5  # backoff 0.5 s, 1 s (x0.75..1 jitter)
+    assert server.runs[trainer.model_id].steps == 1
+
+
+def test_500_on_create_session_is_retried_by_sdk(server):
+    server.fault("create_session", "500", times=2)
+    sc = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+    t0 = time.monotonic()
+    tc = sc.create_lora_training_client(SMOL).result(timeout=20)
+    assert server.count("create_session") == 3 and time.monotonic() - t0 < 5
+    assert tc.model_id in server.runs
+    sc.close("success").result(timeout=5)
+
+
+def test_500_on_retrieve_future_is_repolled(server, trainer):
+    server.fault("retrieve_future:optim_step", "500", times=3)
+    t0 = time.monotonic()
+    trainer.optim_step(tinker.AdamParams()).result(timeout=10)
+    assert counts(server, "retrieve_future", t0) == 4  # re-polled at once, no backoff
+    assert time.monotonic() - t0 < 2
+
+
+def test_drop_is_retried_by_sdk(server, trainer):
+    server.fault("optim_step", "drop", times=1)
+    t0 = time.monotonic()
+    trainer.optim_step(tinker.AdamParams()).result(timeout=20)
+    assert counts(server, "optim_step", t0) == 2
+    assert server.runs[trainer.model_id].steps == 1
+
+
+def test_try_again_then_result(server, trainer):
+    server.fault("optim_step", "try_again", times=5)
+    t0 = time.monotonic()
+    trainer.optim_step(tinker.AdamParams()).result(timeout=10)
+    assert counts(server, "retrieve_future", t0) == 6
+    assert counts(server, "optim_step", t0) == 1
+
+
+def test_try_again_forever_sync_timeout_keeps_polling_async_timeout_cancels(server, trainer):
+    server.fault("optim_step", "try_again")
+    fut = trainer.optim_step(tinker.AdamParams())
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=1)
+    assert time.monotonic() - t0 < 2
+    # result(timeout) only stops waiting: the SDK keeps polling in the background.
+    t1 = time.monotonic()
+    time.sleep(0.6)
+    assert counts(server, "retrieve_future", t1) >= 3
+    assert not fut.future().done()
+
+    async def wait_async() -> None:
+        await fut.result_async(timeout=0.5)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(wait_async())
+    # result_async(timeout) cancels the operation: polling stops and the future is cancelled.
+    assert fut.future().cancelled()
+    time.sleep(0.3)
+    t2 = time.monotonic()
+    time.sleep(0.5)
+    assert counts(server, "retrieve_future", t2) == 0
+    # The client stays usable.
+    server.clear_faults()
+    trainer.optim_step(tinker.AdamParams()).result(timeout=10)
+
+
+def test_fail_resolves_future_with_request_failed(server, trainer):
+    server.fault("optim_step", "fail", times=1)
+    with pytest.raises(tinker.RequestFailedError, match="injected failure"):
+        trainer.optim_step(tinker.AdamParams()).result(timeout=10)
+    assert server.runs[trainer.model_id].steps == 0
+    trainer.optim_step(tinker.AdamParams()).result(timeout=10)
+    assert server.runs[trainer.model_id].steps == 1
+
+
+def test_401_fault_raises_authentication_error_without_retry(server, trainer):
+    server.fault("optim_step", "401", times=1)
+    t0 = time.monotonic()
+    with pytest.raises(tinker.AuthenticationError):
+        trainer.optim_step(tinker.AdamParams()).result(timeout=10)
+    assert counts(server, "optim_step", t0) == 1
+
+
+def test_rejected_key_fails_first_create_call_synchronously(server):
+    server.reject_key = "tml-revoked"
+    sc = tinker.ServiceClient(base_url=server.base_url, api_key="tml-revoked")
+    with pytest.raises(tinker.AuthenticationError):
+        sc.create_lora_training_client(SMOL)  # raised by the call itself: no future
+    assert server.requests and [op for op, _ in server.requests] == ["client_config"]
+    assert server.request_log[0].api_key == "tml-revoked"
+
+
+def test_sample_faults(server, service):
+    sc = service.create_sampling_client(base_model=SMOL).result(timeout=10)
+    prompt = tinker.ModelInput.from_ints([1, 2])
+    server.fault("sample", "429", times=2)
+    t0 = time.monotonic()
+    sc.sample(prompt, 1, tinker.SamplingParams(max_tokens=2)).result(timeout=20)
+    assert counts(server, "sample", t0) == 3  # 429 on sample: SDK backs off ~1 s and resubmits
+    server.fault("sample", "hang", times=1)
+    with pytest.raises(TimeoutError):
+        sc.sample(prompt, 1, tinker.SamplingParams(max_tokens=2)).result(timeout=1)
+
+
+def test_stop_is_prompt_with_many_hung_requests():
+    server = TinkerTestServer().start()
+    server.fault("get_server_capabilities", "hang")
+    rest = tinker.RestClient(base_url=server.base_url, api_key=server.api_key)
+    futures = [rest.get_server_capabilities() for _ in range(5)]
+    deadline = time.monotonic() + 5
+    while server.count("get_server_capabilities") < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.count("get_server_capabilities") == 5
+    assert not any(f.future().done() for f in futures)
+    t0 = time.monotonic()
+    server.stop()
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_cancelling_a_queued_training_op_wedges_the_client(server, trainer):
+    """SDK 0.38 fact: a TrainingClient op cancelled while queued behind an unfinished
+    submission (``future().cancel()``, or ``result_async(timeout)`` expiring) never gives up
+    its turn, so no later op on that client is ever submitted. Cancelling the in-flight
+    submission itself is fine. A deadline wrapper must not cancel queued ops."""
+    server.fault("optim_step", "slow", delay=1.0, times=1)
+    slow = trainer.optim_step(tinker.AdamParams())
+    queued = trainer.forward(DATA, "cross_entropy")
+    time.sleep(0.2)
+    assert queued.future().cancel()
+    slow.result(timeout=5)
+    later = trainer.optim_step(tinker.AdamParams())
+    with pytest.raises(TimeoutError):
+        later.result(timeout=1.5)
+    assert server.count("forward") == 0 and server.count("optim_step") == 1
+    later.future().cancel()  # release the stuck task
