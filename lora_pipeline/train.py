@@ -105,7 +105,7 @@ class TrainingRun:
         self.total_steps = cfg.max_steps or self.steps_per_epoch
         self.log: list[dict] = []
         self.saved: list[dict] = []  # the registry's entries, as in checkpoints.jsonl
-        self.dirty = False  # a step failed part-way: the engine's state is unknown
+        self.dirty = False  # an engine call failed part-way: the engine's state is unknown
         self.started = time.monotonic()
         self.run_dir.mkdir(parents=True)
         write_json(self.run_dir / "config.json", {
@@ -145,33 +145,39 @@ class TrainingRun:
         opt.result()
         return out
 
-    def _recover(self, step: int) -> None:
-        """Bring the engine to the state right after step-1 without trusting it: a failed try
-        may have applied forward_backward, or even optim_step. Restore the newest saved state
-        (or start afresh from the seed) and replay the steps since, with the same batches."""
-        states = [e for e in self.saved if e["state_path"] and e["step"] < step]
+    def _recover(self, done: int) -> None:
+        """Bring the engine to the state right after step `done` without trusting it: a failed
+        call may have applied forward_backward, or optim_step, or left a Tinker client stuck.
+        Restore the newest saved state up to `done` (or start afresh from the seed) and replay
+        the steps since, with the same batches."""
+        states = [e for e in self.saved if e["state_path"] and e["step"] <= done]
         if states:
             self.engine.load_state(states[-1]["state_path"])
-            done = states[-1]["step"]
+            start = states[-1]["step"]
         else:
             self.engine = self._new_engine()
-            done = 0
-        for k in range(done + 1, step):
+            start = 0
+        for k in range(start + 1, done + 1):
             self._apply(k)
 
-    def step(self, step: int) -> dict:
-        """One optimizer step; returns and logs its record. A retry after a failure replays
-        from the last saved state, so each step is applied exactly once."""
-        start = time.monotonic()
+    def _guarded(self, done: int, where: str, action):
+        """Run `action()` on an engine in the state after step `done`. If it fails, the engine
+        is marked unknown, and the next call (a retry) recovers it first: so each step is
+        applied exactly once, whatever failed and wherever."""
         try:
             if self.dirty:
-                self._recover(step)
+                self._recover(done)
             self.dirty = True
-            out = self._apply(step)
+            result = action()
             self.dirty = False
+            return result
         except EngineTimeout as e:
-            e.where = f"step {step}"
-            raise
+            raise EngineTimeout(e.op, e.seconds, where) from None
+
+    def step(self, step: int) -> dict:
+        """One optimizer step; returns and logs its record."""
+        start = time.monotonic()
+        out = self._guarded(step - 1, f"step {step}", lambda: self._apply(step))
         tokens = sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in self.batch(step))
         record = {"step": step, "loss": out.metrics["loss:sum"] / tokens, "tokens": int(tokens),
                   "lr": self.learning_rate(step), "time_s": round(time.monotonic() - start, 4)}
@@ -189,13 +195,16 @@ class TrainingRun:
 
     def save_checkpoint(self, step: int) -> str:
         name = f"checkpoint_step_{step}"
-        return self._register(name, step, state_path=self.engine.save_state(name).result())["state_path"]
+        path = self._guarded(step, f"checkpoint at step {step}", lambda: self.engine.save_state(name).result())
+        return self._register(name, step, state_path=path)["state_path"]
 
     def finish(self) -> dict:
         steps = len(self.log)
-        final = self.engine.save_weights_for_sampler("final_lora_weights").result()
+        final = self._guarded(steps, "the final weights",
+                              lambda: self.engine.save_weights_for_sampler("final_lora_weights").result())
         self._register("final_lora_weights", steps, sampler_path=final)
-        self._register("training_state", steps, state_path=self.engine.save_state("training_state").result())
+        state = self._guarded(steps, "the final state", lambda: self.engine.save_state("training_state").result())
+        self._register("training_state", steps, state_path=state)
         summary = {
             "run_dir": str(self.run_dir), "final_lora_weights": str(self.run_dir / "final_lora_weights"),
             "checkpoints": self.saved, "backend": self.backend, "base_model": self.base_model,

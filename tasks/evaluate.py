@@ -2,10 +2,11 @@ from prefect import get_run_logger, task
 
 from lora_pipeline.evaluate import run_test
 
-from . import RETRY
+from . import RETRY, sdk_retries_logged
 
 
 @task(name="evaluate-adapter", **RETRY)
+@sdk_retries_logged
 def evaluate_adapter(lora_weights: str, output: str, test_prompts: str | None = None,
                      base_model: str | None = None, compare_base: bool = False,
                      max_tokens: int = 150, temperature: float = 0.7, seed: int = 0,

@@ -3,13 +3,14 @@ from prefect.cache_policies import NO_CACHE
 
 from lora_pipeline.train import TrainConfig, TrainingRun, train
 
-from . import RETRY
+from . import RETRY, sdk_retries_logged
 
 # The run (engine, model, optimizer) is passed between these tasks in memory: it is neither
 # hashable for a cache key nor worth persisting, hence NO_CACHE.
 
 
 @task(name="start-training", cache_policy=NO_CACHE, **RETRY)
+@sdk_retries_logged
 def start_training(config: dict) -> TrainingRun:
     """Checks the inputs, starts the engine (a Tinker session), makes the run folder."""
     run = TrainingRun(TrainConfig(**config))
@@ -18,6 +19,7 @@ def start_training(config: dict) -> TrainingRun:
 
 
 @task(name="train-step", task_run_name="step-{n}", cache_policy=NO_CACHE, **RETRY)
+@sdk_retries_logged
 def train_step(run: TrainingRun, n: int) -> dict:
     r = run.step(n)
     get_run_logger().info("step %d/%d  loss %.4f  tokens %d  lr %.2e  %.2f s",
@@ -26,6 +28,7 @@ def train_step(run: TrainingRun, n: int) -> dict:
 
 
 @task(name="save-checkpoint", task_run_name="checkpoint-step-{n}", cache_policy=NO_CACHE, **RETRY)
+@sdk_retries_logged
 def save_checkpoint(run: TrainingRun, n: int) -> str:
     path = run.save_checkpoint(n)
     get_run_logger().info("saved checkpoint_step_%d: %s", n, path)
@@ -33,6 +36,7 @@ def save_checkpoint(run: TrainingRun, n: int) -> str:
 
 
 @task(name="save-final-weights", cache_policy=NO_CACHE, **RETRY)
+@sdk_retries_logged
 def finish_training(run: TrainingRun) -> dict:
     summary = run.finish()
     logger = get_run_logger()

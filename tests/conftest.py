@@ -9,6 +9,9 @@ SAMPLE = ROOT / "data" / "sample" / "persona_train.jsonl"
 PROMPTS = ROOT / "data" / "sample" / "test_prompts.json"
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Short retry delays, read by tasks/ at import: fault tests then finish in seconds.
+os.environ.setdefault("LORA_PIPELINE_RETRIES", "2")
+os.environ.setdefault("LORA_PIPELINE_RETRY_DELAY", "0.2")
 # Tests must not pick the tinker backend because the developer has a key exported.
 os.environ.pop("TINKER_API_KEY", None)
 sys.path.insert(0, str(Path(__file__).parent))

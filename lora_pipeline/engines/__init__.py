@@ -16,16 +16,12 @@ INFO_FILE = "lora_pipeline.json"
 
 
 class EngineTimeout(PipelineError, TimeoutError):
-    """An engine call that did not finish within its deadline. `where` (a step, say) is added
-    by the caller that knows it."""
+    """An engine call that did not finish within its deadline; `where` is, say, "step 12"."""
 
     def __init__(self, op: str, seconds: float, where: str | None = None):
         self.op, self.seconds, self.where = op, seconds, where
-        super().__init__(op, seconds, where)
-
-    def __str__(self) -> str:
-        where = f" for {self.where}" if self.where else ""
-        return f"Tinker did not answer {self.op}{where} within {self.seconds:g} s"
+        where = f" for {where}" if where else ""
+        super().__init__(f"Tinker did not answer {op}{where} within {seconds:g} s")
 
 
 def retryable(e: BaseException) -> bool:

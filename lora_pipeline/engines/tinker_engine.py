@@ -8,9 +8,11 @@ the call raises EngineTimeout naming the operation, which the Prefect layer retr
 """
 
 import json
+import logging
 import os
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import tinker
@@ -22,6 +24,43 @@ from ..models import load_tokenizer
 from ..render import renderer_for
 from . import INFO_FILE, EngineTimeout
 
+
+
+# The SDK retries 5xx, 429 and lost connections by itself, and logs that only at DEBUG. A filter
+# on its logger keeps those retries (and shows nothing it did not show before) for the pipeline
+# to report. Its telemetry uploads are left out: they are not the pipeline's calls.
+_sdk_retries: deque = deque(maxlen=200)
+
+
+def _watch_sdk_retries() -> None:
+    logger = logging.getLogger("tinker._base_client")
+    if any(getattr(f, "lora_pipeline", False) for f in logger.filters):
+        return
+    shown_from = logger.getEffectiveLevel()
+    reason = {"why": "a lost connection or timeout"}
+
+    def keep_retries(record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Retrying due to status code %i"):
+            reason["why"] = f"HTTP {record.args[0]}"
+        elif record.msg == "Retrying request to %s in %f seconds":
+            url, delay = record.args
+            if not str(url).endswith("/telemetry"):
+                _sdk_retries.append(f"{url} after {reason['why']}, again in {delay:.1f} s")
+            reason["why"] = "a lost connection or timeout"
+        return record.levelno >= shown_from  # what was silent before stays silent
+
+    keep_retries.lora_pipeline = True
+    logger.addFilter(keep_retries)
+    logger.setLevel(logging.DEBUG)
+
+
+def take_sdk_retries() -> list[str]:
+    """The SDK's own retries since the last call, e.g. "/api/v1/optim_step after HTTP 500,
+    again in 0.5 s"."""
+    taken = []
+    while _sdk_retries:
+        taken.append(_sdk_retries.popleft())
+    return taken
 
 
 def tinker_name(name: str) -> str:
@@ -92,6 +131,7 @@ class TinkerEngine:
         self.sampler_path = sampler_path
         self.root = Path(root) if root else None
         self.timeout = request_timeout
+        _watch_sdk_retries()
         base_url = os.environ.get("TINKER_BASE_URL") or os.environ.get("TINKER_API_BASE")
         # The SDK reads TINKER_API_KEY itself; the key never passes through our code.
         self.service = tinker.ServiceClient(base_url=base_url) if base_url else tinker.ServiceClient()
