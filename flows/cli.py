@@ -18,7 +18,7 @@ from lora_pipeline.train import TrainConfig, preflight
 
 TRAIN_FLAGS = ("batch", "max_steps", "rank", "learning_rate", "save_every", "output_dir",
                "backend", "base_model", "seed", "run_name", "max_length", "on_overflow",
-               "request_timeout")
+               "request_timeout", "start_over")
 
 
 def _prepare_args(p):
@@ -42,7 +42,11 @@ def _train_args(p):
                    help="local, tinker or auto (tinker when TINKER_API_KEY is set; default)")
     p.add_argument("--base-model", default=None, help="default: SmolLM2-135M-Instruct locally, Qwen/Qwen3-8B on tinker")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--run-name", default=None, help="run folder name (default lora_<model>_<time>)")
+    p.add_argument("--run-name", default=None,
+                   help="run folder name (default lora_<model>_<time>); an existing run of that name "
+                        "with the same data and settings is continued from its last checkpoint")
+    p.add_argument("--start-over", action="store_true",
+                   help="replace an existing run folder of that name instead of continuing it")
     p.add_argument("--max-length", type=int, default=d.max_length, help="token limit per example")
     p.add_argument("--on-overflow", choices=OVERFLOW_CHOICES, default=d.on_overflow,
                    help="what to do with longer examples (default truncate)")
@@ -101,6 +105,11 @@ def main(argv=None) -> int:
         return _dispatch(a)
     except PipelineError as e:
         print(f"lora-pipeline {a.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a read-only folder: earlier files are intact
+        print(f"lora-pipeline {a.command}: error: cannot write {e.filename or 'output'}: {e.strerror or e}. "
+              "Free space or choose another --output-dir; run the same command again to continue "
+              "from the last checkpoint.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"lora-pipeline {a.command}: interrupted", file=sys.stderr)

@@ -1,7 +1,8 @@
 import re
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from lora_pipeline.engines import check_base_model, choose_backend, default_base_model
 
@@ -11,12 +12,25 @@ from tasks.report import write_run_report
 from tasks.train import train_adapter
 
 
+def write_failure_note(flow, flow_run, state) -> None:
+    """On failure: what failed, the last good checkpoint and the command to continue, in the
+    run folder and as an artifact on the flow run."""
+    from lora_pipeline.report import write_failure_summary
+
+    params = flow_run.parameters.get("config", flow_run.parameters)
+    since = flow_run.start_time.timestamp() - 1 if flow_run.start_time else 0
+    path, markdown = write_failure_summary(params.get("output_dir", "checkpoints"), params.get("run_name"),
+                                           state.message or "unknown error", since)
+    create_markdown_artifact(markdown, key="lora-pipeline-failure", description=f"written to {path}")
+    get_run_logger().error("What failed and how to continue: %s", path)
+
+
 @flow(name="lora-pipeline-prepare")
 def prepare(dataset: str, output: str, split: str = "train", max_examples: int | None = None) -> dict:
     return prepare_data(dataset, split, output, max_examples)
 
 
-@flow(name="lora-pipeline-train")
+@flow(name="lora-pipeline-train", on_failure=[write_failure_note])
 def train(config: dict) -> dict:
     """`config` holds lora_pipeline.train.TrainConfig's fields, named like the CLI flags."""
     return train_adapter(config)
@@ -30,7 +44,7 @@ def test(lora_weights: str, output: str, test_prompts: str | None = None,
                             max_tokens, temperature, seed, request_timeout)
 
 
-@flow(name="lora-pipeline")
+@flow(name="lora-pipeline", on_failure=[write_failure_note])
 def lora_pipeline(
     dataset: str = "HuggingFaceH4/ultrachat_200k",
     split: str = "train_sft",
@@ -48,6 +62,7 @@ def lora_pipeline(
     max_length: int = 1024,
     on_overflow: str = "truncate",
     request_timeout: float = 120.0,
+    start_over: bool = False,
     test_prompts: str | None = None,
     max_tokens: int = 150,
     temperature: float = 0.7,
@@ -66,7 +81,7 @@ def lora_pipeline(
         data=data_file, batch=batch, max_steps=max_steps, rank=rank, learning_rate=learning_rate,
         save_every=save_every, output_dir=output_dir, backend=backend, base_model=base_model,
         seed=seed, run_name=run_name, max_length=max_length, on_overflow=on_overflow,
-        request_timeout=request_timeout))
+        request_timeout=request_timeout, start_over=start_over))
     results = evaluate_adapter(summary["final_lora_weights"],
                                str(Path(summary["run_dir"]) / "results.json"), test_prompts,
                                None, compare_base, max_tokens, temperature, seed, request_timeout)

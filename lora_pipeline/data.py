@@ -1,5 +1,6 @@
 """Datasets in, validated chat JSONL out; and reading that JSONL back for training."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -39,6 +40,14 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def problem(messages) -> str | None:

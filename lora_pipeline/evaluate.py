@@ -73,9 +73,12 @@ def compare(lora_weights: str, prompts: list[list[dict]], base_model: str | None
     engine = open_sampler(info, base_model, seed, request_timeout)
     inputs = [engine.renderer.build_generation_prompt(p) for p in prompts]
     params = types.SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
-    answers = {"lora": engine.sample(inputs, params, lora=True).result()}
-    if compare_base:
-        answers["base"] = engine.sample(inputs, params, lora=False).result()
+    try:
+        answers = {"lora": engine.sample(inputs, params, lora=True).result()}
+        if compare_base:
+            answers["base"] = engine.sample(inputs, params, lora=False).result()
+    finally:
+        engine.close()
     results = []
     for i, prompt in enumerate(prompts):
         row = {"prompt": prompt}

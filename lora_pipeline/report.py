@@ -1,5 +1,8 @@
-"""The run's report: what was trained, how the loss went, and the answers side by side."""
+"""The run's report: what was trained, how the loss went, and the answers side by side; and
+the note a failed run leaves behind."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 from .data import write_atomic
@@ -39,5 +42,49 @@ def write_report(summary: dict, results: dict) -> tuple[Path, str]:
         lines.append("| " + " | ".join(row) + " |")
     markdown = "\n".join(lines) + "\n"
     path = run_dir / "report.md"
+    write_atomic(path, markdown)
+    return path, markdown
+
+
+def resume_command(config: dict) -> str:
+    """The `lora-pipeline train` command that continues the run of this config.json."""
+    from .train import TrainConfig
+
+    args = [f"--data {config['data']}"]
+    for f in dataclasses.fields(TrainConfig):
+        value = config.get(f.name)
+        if f.name in ("data", "start_over") or value is None or value == f.default:
+            continue
+        args.append(f"--{f.name.replace('_', '-')} {value}")
+    args.append(f"--run-name {Path(config['run_dir']).name}")
+    return "lora-pipeline train " + " ".join(dict.fromkeys(args))
+
+
+def write_failure_summary(output_dir: str, run_name: str | None, error: str, since: float) -> tuple[Path, str]:
+    """`failure.md` in the failed run's folder (or `last_failure.md` in the output folder when
+    the run never got one): what failed, the last good checkpoint, how to continue."""
+    out = Path(output_dir)
+    if run_name:
+        run_dir = out / run_name
+    else:  # the newest run folder this flow run made
+        made = [p for p in out.glob("lora_*") if (p / "config.json").exists() and p.stat().st_mtime >= since]
+        run_dir = max(made, key=lambda p: p.stat().st_mtime) if made else None
+    lines = ["# lora-pipeline run failed", "", f"**Error:** {error}", ""]
+    if run_dir and (run_dir / "config.json").exists():
+        config = json.loads((run_dir / "config.json").read_text())
+        registry = run_dir / "checkpoints.jsonl"
+        states = [json.loads(line) for line in registry.read_text().splitlines() if line.strip().endswith("}")] \
+            if registry.exists() else []
+        states = [e for e in states if e.get("state_path")]
+        last = f"`{states[-1]['state_path']}` (step {states[-1]['step']})" if states else "none yet"
+        lines += [f"**Run folder:** `{run_dir}`", f"**Last good checkpoint:** {last}", "",
+                  "Continue where it stopped (same data and settings, same run name):", "",
+                  f"    {resume_command(config)}", "",
+                  f"or rerun the flow with the parameter run_name={run_dir.name}."]
+        path = run_dir / "failure.md"
+    else:
+        lines += ["It failed before a run folder was made; fix the error and run the same command again."]
+        path = out / "last_failure.md"
+    markdown = "\n".join(lines) + "\n"
     write_atomic(path, markdown)
     return path, markdown

@@ -13,6 +13,7 @@ On Tinker the checkpoint folders hold the tinker:// paths (lora_pipeline.json), 
 import dataclasses
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tinker import types
 
-from .data import read_chat_jsonl, write_json
+from .data import file_sha256, read_chat_jsonl, write_json
 from .engines import EngineTimeout, check_base_model, choose_backend, default_base_model, make_engine
 from .errors import PipelineError
 from .render import OVERFLOW_CHOICES, render_conversations
@@ -47,6 +48,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     request_timeout: float = 120.0  # seconds any one engine call may take (Tinker)
+    start_over: bool = False  # replace an existing run folder instead of continuing it
 
     def check(self) -> None:
         for name in ("batch", "rank"):
@@ -79,20 +81,33 @@ def preflight(cfg: TrainConfig, read_data: bool = True) -> tuple[str, str, list]
     return backend, base_model, conversations
 
 
+# config.json's layout; a run folder of another format is not continued.
+FORMAT = 1
+# What must match for a run folder to be continued: the data and all that shapes the steps.
+# Where checkpoints go, how often, and timeouts may change between tries.
+RESUME_KEYS = ("data_sha256", "batch", "max_steps", "rank", "learning_rate", "backend", "base_model",
+               "seed", "max_length", "on_overflow", "beta1", "beta2", "eps", "weight_decay")
+
+
 class TrainingRun:
     """One training run: its engine, its examples and its run folder.
 
     Everything that can be wrong with the inputs is checked before the run folder is made,
-    so a bad --data, --backend or --base-model leaves nothing behind.
+    so a bad --data, --backend or --base-model leaves nothing behind. An existing run folder
+    with the same data and settings is continued from its newest loadable checkpoint.
     """
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.backend, self.base_model, conversations = preflight(cfg)
         self.run_dir = Path(cfg.output_dir) / (cfg.run_name or run_folder_name(self.base_model))
-        if self.run_dir.exists():
-            raise PipelineError(f"{self.run_dir} already exists; choose another --run-name or "
-                                "--output-dir")
+        self.config = {
+            **dataclasses.asdict(cfg), "format": FORMAT, "data_sha256": file_sha256(Path(cfg.data)),
+            "backend_requested": cfg.backend, "backend": self.backend, "base_model": self.base_model,
+            "run_dir": str(self.run_dir),
+        }
+        del self.config["start_over"]
+        resuming = self._check_existing_folder()
         self.engine = self._new_engine()
         self.examples, self.render_report = render_conversations(
             conversations, self.engine.renderer, cfg.max_length, cfg.on_overflow)
@@ -104,16 +119,78 @@ class TrainingRun:
         self.steps_per_epoch = len(self.examples) // cfg.batch
         self.total_steps = cfg.max_steps or self.steps_per_epoch
         self.log: list[dict] = []
-        self.saved: list[dict] = []  # the registry's entries, as in checkpoints.jsonl
+        self.saved: list[dict] = []  # the registry's usable entries, as in checkpoints.jsonl
+        self.notes: list[str] = []  # what resuming found and did, for the logs
+        self.first_step = 1
         self.dirty = False  # an engine call failed part-way: the engine's state is unknown
         self.started = time.monotonic()
-        self.run_dir.mkdir(parents=True)
-        write_json(self.run_dir / "config.json", {
-            **dataclasses.asdict(cfg), "backend_requested": cfg.backend, "backend": self.backend,
-            "base_model": self.base_model, "run_dir": str(self.run_dir),
-            "examples": len(self.examples), "total_steps": self.total_steps,
-            "rendering": self.render_report.summary(),
-        })
+        if resuming:
+            self._resume()
+        else:
+            self.run_dir.mkdir(parents=True)
+            self.config.update(examples=len(self.examples), total_steps=self.total_steps,
+                               rendering=self.render_report.summary())
+            write_json(self.run_dir / "config.json", self.config)
+
+    def _check_existing_folder(self) -> bool:
+        """True when the run folder exists and may be continued; refuses one that may not."""
+        if not self.run_dir.exists():
+            return False
+        if self.cfg.start_over:
+            shutil.rmtree(self.run_dir)
+            return False
+        again = "Pass --start-over to replace it, or choose another --run-name."
+        try:
+            old = json.loads((self.run_dir / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise PipelineError(f"{self.run_dir} exists but has no readable config.json, so it is not a "
+                                f"run folder to continue. {again}") from None
+        if old.get("format") != FORMAT:
+            raise PipelineError(f"{self.run_dir} was made by another version of lora-pipeline (format "
+                                f"{old.get('format', 'none')}, this one writes {FORMAT}) and cannot be "
+                                f"continued. {again}")
+        changed = [f"{k} {old.get(k)!r} -> {self.config[k]!r}" for k in RESUME_KEYS
+                   if old.get(k) != self.config[k]]
+        if changed:
+            raise PipelineError(f"{self.run_dir} was trained with other data or settings "
+                                f"({'; '.join(changed)}); continuing would mix two runs. {again}")
+        return True
+
+    def _resume(self) -> None:
+        """Continue from the newest checkpoint that loads. Half-written files are removed, a
+        checkpoint that does not load is reported and skipped, and the log is cut back to the
+        step the run continues from, so no step is logged twice or missing."""
+        for leftover in sorted(self.run_dir.glob(".tmp-*")) + sorted(self.run_dir.glob(".old-*")):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            self.notes.append(f"removed half-written {leftover.name}")
+        registry = []
+        path = self.run_dir / "checkpoints.jsonl"
+        for n, line in enumerate(path.read_text().splitlines() if path.exists() else [], start=1):
+            try:
+                registry.append(json.loads(line))
+            except json.JSONDecodeError:  # a write cut short by the crash
+                self.notes.append(f"checkpoints.jsonl:{n} is incomplete; ignored")
+        done, unusable = 0, set()
+        for entry in reversed([e for e in registry if e["state_path"]]):
+            try:
+                self.engine.load_state(entry["state_path"])
+                done = entry["step"]
+                break
+            except Exception as e:  # any damage: a missing, truncated or foreign checkpoint
+                unusable.add(entry["name"])
+                self.notes.append(f"{entry['name']} cannot be loaded ({type(e).__name__}: {e}); "
+                                  "trying an older one")
+        else:
+            self.engine.close("errored")
+            self.engine = self._new_engine()  # nothing loaded: start from the seed
+        self.saved = [e for e in registry if e["step"] <= done and e["name"] not in unusable]
+        old_log = json.loads((self.run_dir / "training_log.json").read_text()) \
+            if (self.run_dir / "training_log.json").exists() else []
+        self.log = [r for r in old_log if r["step"] <= done]
+        write_json(self.run_dir / "training_log.json", self.log)
+        self.first_step = done + 1
+        self.notes.append(f"continuing after step {done} of {self.total_steps}" if done
+                          else "no usable checkpoint: starting from step 1")
 
     def _new_engine(self):
         cfg = self.cfg
@@ -123,7 +200,16 @@ class TrainingRun:
     def describe(self) -> str:
         return (f"engine {self.backend}, base model {self.base_model}, "
                 f"{self.render_report.summary()}; {self.total_steps} steps of {self.cfg.batch}, "
-                f"run folder {self.run_dir}")
+                f"run folder {self.run_dir}" + "".join(f"; {note}" for note in self.notes))
+
+    def finished(self) -> dict | None:
+        """The summary of a run that already trained to the end, if this is one."""
+        path = self.run_dir / "summary.json"
+        if self.first_step > self.total_steps and path.exists():
+            summary = json.loads(path.read_text())
+            if summary["steps"] == self.total_steps:
+                return summary
+        return None
 
     def batch(self, step: int) -> list[types.Datum]:
         """The examples of 1-based `step`: a fresh seeded shuffle each epoch."""
@@ -155,10 +241,14 @@ class TrainingRun:
             self.engine.load_state(states[-1]["state_path"])
             start = states[-1]["step"]
         else:
+            self.engine.close("errored")
             self.engine = self._new_engine()
             start = 0
         for k in range(start + 1, done + 1):
             self._apply(k)
+
+    def close(self, status: str = "success") -> None:
+        self.engine.close(status)
 
     def _guarded(self, done: int, where: str, action):
         """Run `action()` on an engine in the state after step `done`. If it fails, the engine
@@ -221,7 +311,10 @@ def train(run: TrainingRun, step=TrainingRun.step, save=TrainingRun.save_checkpo
     """Train to the end and return the run's summary. `step`, `save` and `finish` are called
     as `step(run, n)`, `save(run, n)`, `finish(run)`; the Prefect layer passes tasks here so
     that each step and each save is a task run of its own, retried on its own."""
-    for n in range(1, run.total_steps + 1):
+    done = run.finished()
+    if done:
+        return done
+    for n in range(run.first_step, run.total_steps + 1):
         step(run, n)
         if run.cfg.save_every and n % run.cfg.save_every == 0:
             save(run, n)

@@ -7,10 +7,15 @@ the first retry; doubled each time, with jitter) tune them, e.g. for tests.
 """
 
 import functools
+import hashlib
 import os
+from pathlib import Path
 
 from prefect import get_run_logger
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 from prefect.tasks import exponential_backoff
+
+from lora_pipeline.data import file_sha256
 
 from lora_pipeline.engines import retryable
 from lora_pipeline.engines.tinker_engine import take_sdk_retries
@@ -39,3 +44,20 @@ def sdk_retries_logged(fn):
                 get_run_logger().warning("Tinker SDK retried on its own %d time(s): %s",
                                          len(retries), "; ".join(retries))
     return logged
+
+
+def cached_on_content(files):
+    """A cache policy: the task's source, its parameters, and the content of the files or
+    folders that `files(parameters)` names. (Prefect hashes a path parameter as its text, so
+    an edited file would otherwise hit the old cache.) A path that does not exist, such as a hub
+    dataset id, counts by its name alone."""
+    def content_key(context, parameters) -> str:
+        digest = hashlib.sha256()
+        for name in files(parameters):
+            path = Path(name) if name else None
+            if path is None or not path.exists():
+                continue
+            for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+                digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{file_sha256(f)}".encode())
+        return digest.hexdigest()
+    return TASK_SOURCE + INPUTS + CacheKeyFnPolicy(cache_key_fn=content_key)

@@ -2,10 +2,11 @@ from prefect import get_run_logger, task
 
 from lora_pipeline.evaluate import run_test
 
-from . import RETRY, sdk_retries_logged
+from . import RETRY, cached_on_content, sdk_retries_logged
 
 
-@task(name="evaluate-adapter", **RETRY)
+@task(name="evaluate-adapter", cache_policy=cached_on_content(lambda p: [p["lora_weights"], p["test_prompts"]]),
+      persist_result=True, **RETRY)
 @sdk_retries_logged
 def evaluate_adapter(lora_weights: str, output: str, test_prompts: str | None = None,
                      base_model: str | None = None, compare_base: bool = False,

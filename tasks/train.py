@@ -3,7 +3,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lora_pipeline.train import TrainConfig, TrainingRun, train
 
-from . import RETRY, sdk_retries_logged
+from . import RETRY, cached_on_content, sdk_retries_logged
 
 # The run (engine, model, optimizer) is passed between these tasks in memory: it is neither
 # hashable for a cache key nor worth persisting, hence NO_CACHE.
@@ -46,10 +46,17 @@ def finish_training(run: TrainingRun) -> dict:
     return summary
 
 
-@task(name="train-adapter", cache_policy=NO_CACHE)
+@task(name="train-adapter", cache_policy=cached_on_content(lambda p: [p["config"]["data"]]),
+      persist_result=True)
 def train_adapter(config: dict) -> dict:
-    """Trains a LoRA from a prepared data file; returns the run's summary (paths, losses)."""
+    """Trains a LoRA from a prepared data file; returns the run's summary (paths, losses).
+    The same data and config again give the cached summary: the adapter is not retrained."""
     run = start_training(config)
-    summary = train(run, step=train_step, save=save_checkpoint, finish=finish_training)
+    try:
+        summary = train(run, step=train_step, save=save_checkpoint, finish=finish_training)
+    except BaseException:
+        run.close("errored")
+        raise
+    run.close()
     get_run_logger().info("final LoRA weights: %s", summary["final_lora_weights"])
     return summary

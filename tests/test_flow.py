@@ -49,3 +49,26 @@ def test_tinker_backend_without_a_key_fails_before_preparing(prefect_harness, tm
     assert state.is_failed()
     assert "Missing TINKER_API_KEY" in state.message
     assert not (tmp_path / "data").exists()
+
+
+def _task_states(flow_run_id) -> dict:
+    runs, _ = asyncio.run(_task_runs_and_artifacts(flow_run_id))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if not r.name.startswith(("step", "checkpoint"))}
+
+
+def test_a_rerun_reuses_finished_stages_and_a_changed_byte_redoes_them(prefect_harness, tmp_path, small_data):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["Hello!"]))
+    params = dict(dataset=str(small_data), batch=4, max_steps=3, save_every=0, backend="local",
+                  output_dir=str(tmp_path / "runs"), test_prompts=str(prompts), max_tokens=8)
+    first = lora_pipeline(**params, return_state=True)
+    second = lora_pipeline(**params, return_state=True)
+    assert second.result()["run_dir"] == first.result()["run_dir"]
+    assert _task_states(second.state_details.flow_run_id) == {
+        "prepare-data": "Cached", "train-adapter": "Cached", "evaluate-adapter": "Cached",
+        "write-report": "Completed"}
+
+    small_data.write_bytes(small_data.read_bytes().replace(b"Arr!", b"Arr?", 1))
+    third = lora_pipeline(**params, return_state=True)
+    assert third.result()["run_dir"] != first.result()["run_dir"]
+    assert set(_task_states(third.state_details.flow_run_id).values()) == {"Completed"}

@@ -93,6 +93,18 @@ def test_a_hung_call_fails_within_the_deadline_and_retries(prefect_harness, serv
     assert elapsed < bound, elapsed
     assert server.count(server_op) >= RETRIES + 1  # it was retried, not left hanging
 
+    # The failure hook says what failed and how to continue, in the run folder and the UI.
+    run_dir = tmp_path / "runs" / "t"
+    note = (run_dir / "failure.md") if run_dir.exists() else (tmp_path / "runs" / "last_failure.md")
+    text = note.read_text()
+    assert f"Tinker did not answer {message}" in text
+    if run_dir.exists():
+        assert "lora-pipeline train --data" in text and "--run-name t" in text
+        if server_op == "sample":  # training had finished
+            assert "/weights/final` (step 3)" in text
+    _, _, artifacts, _ = asyncio.run(_flow_run_records(state.state_details.flow_run_id))
+    assert "lora-pipeline-failure" in [a.key for a in artifacts]
+
 
 def test_a_call_that_hangs_once_is_retried_and_the_run_completes(prefect_harness, server, tmp_path,
                                                                 small_data):

@@ -176,6 +176,10 @@ class Run:
     def checkpoint(self, path: str) -> Checkpoint | None:
         return next((c for c in self.checkpoints if c.path == path), None)
 
+    def put(self, checkpoint: Checkpoint) -> None:
+        """Add a checkpoint, replacing one saved earlier at the same path."""
+        self.checkpoints = [c for c in self.checkpoints if c.path != checkpoint.path] + [checkpoint]
+
     def to_json(self) -> dict[str, Any]:
         def last(kind: str) -> dict[str, Any] | None:
             found = [c for c in self.checkpoints if c.type == kind]
@@ -732,11 +736,7 @@ class TinkerTestServer:
                 if existing is not None and not body.get("overwrite"):
                     payload = {"error": f"Checkpoint {ckpt_path} already exists", "category": "user"}
                 else:
-                    if existing is not None:
-                        run.checkpoints.remove(existing)
-                    run.checkpoints.append(
-                        Checkpoint(name, "training", ckpt_path, _now(), run.steps, body.get("user_metadata"))
-                    )
+                    run.put(Checkpoint(name, "training", ckpt_path, _now(), run.steps, body.get("user_metadata")))
         rid = self._new_future("save_weights", payload, fault=fault)
         return 200, {"request_id": rid, "model_id": run.run_id}
 
@@ -756,12 +756,7 @@ class TinkerTestServer:
             payload = {"path": ckpt_path, "type": "save_weights_for_sampler"}
             if not failed:
                 with self._lock:
-                    existing = run.checkpoint(ckpt_path)
-                    if existing is not None:
-                        run.checkpoints.remove(existing)
-                    run.checkpoints.append(
-                        Checkpoint(name, "sampler", ckpt_path, _now(), run.steps, body.get("user_metadata"))
-                    )
+                    run.put(Checkpoint(name, "sampler", ckpt_path, _now(), run.steps, body.get("user_metadata")))
         rid = self._new_future("save_weights_for_sampler", payload, fault=fault)
         return 200, {"request_id": rid, "model_id": run.run_id}
 

@@ -29,7 +29,7 @@ def retryable(e: BaseException) -> bool:
     errors. Authentication, bad requests and unknown models are final."""
     import tinker
 
-    if isinstance(e, (TimeoutError, tinker.APIConnectionError)):
+    if isinstance(e, (TimeoutError, ConnectionError, tinker.APIConnectionError)):
         return True
     if isinstance(e, tinker.APIStatusError):
         return e.status_code in (408, 409, 429) or e.status_code >= 500

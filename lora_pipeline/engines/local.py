@@ -1,5 +1,6 @@
 """The local engine: PyTorch + PEFT LoRA on a small chat model, no network, no API key."""
 
+import errno
 import json
 import os
 import shutil
@@ -66,6 +67,9 @@ class LocalEngine:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def close(self, status: str = "success") -> None:
+        """Nothing to release; here so that both engines can be closed alike."""
 
     # -- training --------------------------------------------------------------------------
     def _logprobs(self, data: list[types.Datum]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -167,8 +171,11 @@ class LocalEngine:
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
             write(tmp)
             _replace_dir(tmp, self.root / name)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, RuntimeError):  # torch.save reports a failed write (a full disk) so
+                raise OSError(errno.EIO, f"the write failed ({str(e).strip().splitlines()[-1]})",
+                              str(self.root / name)) from e
             raise
         return str(self.root / name)
 

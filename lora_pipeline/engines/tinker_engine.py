@@ -140,8 +140,12 @@ class TinkerEngine:
         self.stop_tokens = [t for t in self.renderer.get_stop_sequences() if isinstance(t, int)]
         self.client = None
         if not sampler_path:
-            self.client = self._create("create_lora_training_client", lambda: self.service.create_lora_training_client(
-                base_model, rank=rank, seed=seed))
+            try:
+                self.client = self._create("create_lora_training_client",
+                                           lambda: self.service.create_lora_training_client(base_model, rank=rank, seed=seed))
+            except BaseException:
+                self.close("errored")
+                raise
 
     def _create(self, op: str, make):
         """Session and client creation block the calling thread: they get a helper thread."""
@@ -151,6 +155,11 @@ class TinkerEngine:
         started = time.monotonic()
         future = run_with_deadline(op, self.timeout, submit)
         return Call(op, future, started, self.timeout, then)
+
+    def close(self, status: str = "success") -> None:
+        """End the Tinker session (its heartbeats stop). In a helper thread: closing waits for a
+        session creation that may itself be hung, and nothing should wait on that."""
+        threading.Thread(target=lambda: self.service.close(status), name="tinker-close", daemon=True).start()
 
     # -- training --------------------------------------------------------------------------
     def forward_backward(self, data: list[types.Datum], loss_fn: str = "cross_entropy") -> Call:

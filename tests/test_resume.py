@@ -1,0 +1,168 @@
+"""Crashes, kills and damage: a run continues where it stopped, exactly, and refuses to mix."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lora_pipeline.errors import PipelineError
+from lora_pipeline.train import TrainConfig, TrainingRun, train
+
+CLI = str(Path(sys.executable).parent / "lora-pipeline")
+
+
+class Crash(Exception):
+    pass
+
+
+def config(data, out, name, **kw):
+    return TrainConfig(**{"data": str(data), "batch": 4, "max_steps": 6, "save_every": 2,
+                          "learning_rate": 5e-4, "output_dir": str(out), "backend": "local",
+                          "run_name": name, **kw})
+
+
+def crash_at(step_no):
+    def step(run, n):
+        if n == step_no:
+            raise Crash(f"crash in step {n}")
+        return TrainingRun.step(run, n)
+    return step
+
+
+def max_diff(a: Path, b: Path) -> float:
+    x = load_file(str(a / "final_lora_weights" / "adapter_model.safetensors"))
+    y = load_file(str(b / "final_lora_weights" / "adapter_model.safetensors"))
+    return max(float((x[k] - y[k]).abs().max()) for k in x)
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return [r["step"] for r in json.loads((run_dir / "training_log.json").read_text())]
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    """An uninterrupted run to compare against."""
+    out = tmp_path_factory.mktemp("clean")
+    data = out / "data.jsonl"
+    sample = Path(__file__).parent.parent / "data" / "sample" / "persona_train.jsonl"
+    data.write_text("".join(sample.read_text().splitlines(keepends=True)[:40]))
+    train(TrainingRun(config(data, out, "clean")))
+    return data, out / "clean"
+
+
+def test_a_crashed_run_continues_exactly_where_it_stopped(tmp_path, clean_run):
+    data, clean = clean_run
+    with pytest.raises(Crash):
+        train(TrainingRun(config(data, tmp_path, "r")), step=crash_at(5))
+    assert steps_logged(tmp_path / "r") == [1, 2, 3, 4]
+    run = TrainingRun(config(data, tmp_path, "r"))
+    assert run.first_step == 5 and "continuing after step 4 of 6" in run.describe()
+    train(run)
+    assert steps_logged(tmp_path / "r") == [1, 2, 3, 4, 5, 6]
+    assert max_diff(clean, tmp_path / "r") <= 1e-6
+
+
+def test_a_damaged_newest_checkpoint_is_reported_and_skipped(tmp_path, clean_run):
+    data, clean = clean_run
+    with pytest.raises(Crash):
+        train(TrainingRun(config(data, tmp_path, "r")), step=crash_at(6))
+    run_dir = tmp_path / "r"
+    adapter = run_dir / "checkpoint_step_4" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:1000])  # truncated, as by a full disk
+    (run_dir / ".tmp-checkpoint_step_6-x").mkdir()  # a save cut short by a kill
+    with open(run_dir / "checkpoints.jsonl", "a") as f:
+        f.write('{"name": "checkpoint_st')  # a registry line cut short
+    run = TrainingRun(config(data, tmp_path, "r"))
+    notes = run.describe()
+    assert "checkpoint_step_4 cannot be loaded" in notes and "continuing after step 2" in notes
+    assert "removed half-written .tmp-checkpoint_step_6-x" in notes
+    assert "checkpoints.jsonl:3 is incomplete" in notes
+    train(run)
+    assert steps_logged(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert max_diff(clean, run_dir) <= 1e-6
+
+
+def test_a_finished_run_is_not_trained_again(tmp_path, clean_run):
+    data, clean = clean_run
+    before = (clean / "summary.json").read_text()
+    run = TrainingRun(config(data, clean.parent, "clean"))
+    assert train(run) == json.loads(before)
+    assert steps_logged(clean) == [1, 2, 3, 4, 5, 6]
+
+
+def test_other_data_or_settings_are_refused_unless_starting_over(tmp_path, clean_run):
+    data, clean = clean_run
+    with pytest.raises(PipelineError, match=r"learning_rate 0.0005 -> 0.001.*--start-over"):
+        TrainingRun(config(data, clean.parent, "clean", learning_rate=1e-3))
+    changed = tmp_path / "data.jsonl"
+    changed.write_bytes(data.read_bytes().replace(b"Arr!", b"Arr?", 1))  # one byte
+    with pytest.raises(PipelineError, match="data_sha256"):
+        TrainingRun(config(changed, clean.parent, "clean"))
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"batch": 4}))  # an older version's
+    with pytest.raises(PipelineError, match="another version of lora-pipeline"):
+        TrainingRun(config(data, tmp_path, "r"))
+    run = TrainingRun(config(data, tmp_path, "r", start_over=True, max_steps=2))
+    assert run.first_step == 1 and not (tmp_path / "r" / "training_log.json").exists()
+
+
+def _cli_train(data, out, name, **popen):
+    return [CLI, "train", "--data", str(data), "--batch", "4", "--max-steps", "6", "--save-every", "2",
+            "--learning-rate", "5e-4", "--output-dir", str(out), "--run-name", name, "--backend", "local"]
+
+
+def test_kill_9_then_the_same_command_continues(tmp_path, clean_run):
+    data, clean = clean_run
+    cmd = _cli_train(data, tmp_path, "r")
+    env = {k: v for k, v in os.environ.items() if k not in ("TINKER_API_KEY", "PREFECT_API_URL")}
+    kill_after = random.Random().randint(1, 5)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "r" / "training_log.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and len(json.loads(log.read_text() or "[]")) >= kill_after:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert steps_logged(tmp_path / "r") == [1, 2, 3, 4, 5, 6], kill_after
+    assert max_diff(clean, tmp_path / "r") <= 1e-6, kill_after
+
+
+def test_a_full_disk_fails_clearly_and_loses_nothing(tmp_path, clean_run):
+    import resource
+
+    from lora_pipeline.models import SMOLLM2, resolve_local_model
+
+    data, clean = clean_run
+    resolve_local_model(SMOLLM2)  # the model cache is written before the disk "fills"
+
+    def small_disk():
+        # Files may grow to 25 MB: the adapter (20 MB) fits, a checkpoint's optimizer state does not.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (25_000_000, 25_000_000))
+
+    cmd = _cli_train(data, tmp_path, "r")
+    env = {k: v for k, v in os.environ.items() if k not in ("TINKER_API_KEY", "PREFECT_API_URL")}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    assert r.returncode == 1
+    [said] = [line for line in r.stderr.splitlines() if line.startswith("lora-pipeline train: error:")]
+    assert said.startswith(f"lora-pipeline train: error: cannot write {tmp_path}/r/checkpoint_step_2")
+    assert "run the same command again" in said
+    run_dir = tmp_path / "r"
+    assert steps_logged(run_dir) == [1, 2]
+    assert not any(p.name.startswith((".tmp-", "checkpoint_step_")) for p in run_dir.iterdir())
+
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert steps_logged(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert max_diff(clean, run_dir) <= 1e-6
