@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from lora_pipeline.errors import PipelineError
+from lora_pipeline.prepare import FORMATS
 from lora_pipeline.render import OVERFLOW_CHOICES
 from lora_pipeline.train import TrainConfig, preflight
 
@@ -25,7 +26,10 @@ def _prepare_args(p):
     p.add_argument("--dataset", required=True,
                    help="hub dataset id, or a local .jsonl/.json/.parquet/.csv file or folder")
     p.add_argument("--split", default="train", help="dataset split (hub datasets; default train)")
-    p.add_argument("--max-examples", type=int, default=None, help="keep the first N rows")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="a seeded random sample of N rows (the first N with --first)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of kept rows held out for validation (default 0.05)")
 
 
 def _train_args(p):
@@ -71,6 +75,19 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="convert a dataset to chat JSONL")
     _prepare_args(p)
     p.add_argument("--output", required=True, help="the JSONL file to write")
+    p.add_argument("--first", action="store_true", help="with --max-examples: the first N rows")
+    p.add_argument("--config-name", default=None, help="the hub dataset's configuration, if it has several")
+    p.add_argument("--format", dest="fmt", choices=FORMATS, default="auto",
+                   help="row shape (default: detected per row)")
+    p.add_argument("--prompt-column", help="with --format columns: the user turn's column")
+    p.add_argument("--response-column", help="with --format columns: the assistant turn's column")
+    p.add_argument("--system-column", help="with --format columns: an optional system prompt column")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad row instead of dropping it")
+    p.add_argument("--max-length", type=int, default=1024, help="token limit per example (0: no token stats)")
+    p.add_argument("--on-overflow", choices=OVERFLOW_CHOICES, default="truncate",
+                   help="longer examples: keep (training truncates them) or drop (default truncate)")
+    p.add_argument("--base-model", default=None, help="whose tokenizer counts tokens (default SmolLM2)")
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("train", help="train a LoRA adapter")
     p.add_argument("--data", required=True, help="chat JSONL from `prepare`")
     _train_args(p)
@@ -147,9 +164,13 @@ def _dispatch(a) -> int:
     from flows import pipeline
 
     if a.command == "prepare":
-        report = pipeline.prepare(a.dataset, a.output, a.split, a.max_examples)
-        print(f"Kept {report['kept']} of {report['rows_read']} rows -> {a.output} "
-              f"(report: {a.output}.report.json)")
+        from lora_pipeline.prepare import summary
+
+        options = dict(config_name=a.config_name, fmt=a.fmt, first=a.first, seed=a.seed,
+                       val_fraction=a.val_fraction, max_length=a.max_length or None, on_overflow=a.on_overflow,
+                       base_model=a.base_model, strict=a.strict,
+                       columns={"prompt": a.prompt_column, "response": a.response_column, "system": a.system_column})
+        print(summary(pipeline.prepare(a.dataset, a.output, a.split, a.max_examples, options)))
     elif a.command == "train":
         s = pipeline.train(dataclasses.asdict(cfg))
         for entry in s["checkpoints"]:
@@ -163,6 +184,7 @@ def _dispatch(a) -> int:
     elif a.command == "run":
         params = {k: getattr(a, k) for k in TRAIN_FLAGS}
         s = pipeline.lora_pipeline(dataset=a.dataset, split=a.split, max_examples=a.max_examples,
+                                   val_fraction=a.val_fraction,
                                    test_prompts=a.test_prompts, max_tokens=a.max_tokens,
                                    temperature=a.temperature, compare_base=a.compare_base, **params)
         from lora_pipeline.report import verdict

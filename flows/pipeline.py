@@ -26,8 +26,9 @@ def write_failure_note(flow, flow_run, state) -> None:
 
 
 @flow(name="lora-pipeline-prepare")
-def prepare(dataset: str, output: str, split: str = "train", max_examples: int | None = None) -> dict:
-    return prepare_data(dataset, split, output, max_examples)
+def prepare(dataset: str, output: str, split: str = "train", max_examples: int | None = None,
+            options: dict | None = None) -> dict:
+    return prepare_data(dataset, split, output, max_examples, options)
 
 
 @flow(name="lora-pipeline-train", on_failure=[write_failure_note])
@@ -61,6 +62,7 @@ def lora_pipeline(
     run_name: str | None = None,
     max_length: int = 1024,
     on_overflow: str = "truncate",
+    val_fraction: float = 0.05,
     request_timeout: float = 120.0,
     start_over: bool = False,
     test_prompts: str | None = None,
@@ -76,7 +78,9 @@ def lora_pipeline(
     source = Path(dataset).stem if Path(dataset).exists() else f"{dataset}_{split}"
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", source)
     data_file = str(Path(output_dir) / "data" / f"{slug}_{max_examples or 'all'}.jsonl")
-    prepare_data(dataset, split, data_file, max_examples)
+    prepare_data(dataset, split, data_file, max_examples,
+                 {"val_fraction": val_fraction, "max_length": max_length, "on_overflow": on_overflow,
+                  "base_model": base_model, "seed": seed})
     summary = train_adapter(dict(
         data=data_file, batch=batch, max_steps=max_steps, rank=rank, learning_rate=learning_rate,
         save_every=save_every, output_dir=output_dir, backend=backend, base_model=base_model,

@@ -1,18 +1,14 @@
-"""Datasets in, validated chat JSONL out; and reading that JSONL back for training."""
+"""Files: atomic writes, content hashes, and the chat JSONL that training reads."""
 
 import hashlib
 import json
 import os
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 from .errors import PipelineError
 
 ROLES = ("system", "user", "assistant")
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
 
 
 def umask_mode(mode: int) -> int:
@@ -61,102 +57,14 @@ def problem(messages) -> str | None:
             return "non-string content"
         if not m["content"].strip():
             return "empty content"
-    if messages[-1]["role"] != "assistant":
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles:
+        return "no assistant turn"
+    if roles[-1] != "assistant":
         return "does not end with an assistant turn"
+    if any(a == b for a, b in zip(roles, roles[1:])):
+        return "consecutive turns from the same role"
     return None
-
-
-def to_messages(row: dict):
-    """A row of any common chat shape as OpenAI-style messages (None if no shape fits)."""
-    if "messages" in row:
-        return row["messages"]
-    if "conversations" in row and isinstance(row["conversations"], list):
-        return [{"role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
-                for t in row["conversations"] if isinstance(t, dict)]
-    if "instruction" in row and "output" in row:
-        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-        return system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
-    for q, a in (("prompt", "completion"), ("question", "answer")):
-        if q in row and a in row:
-            return [{"role": "user", "content": row[q]}, {"role": "assistant", "content": row[a]}]
-    return None
-
-
-def _local_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS)
-        if not files:
-            raise PipelineError(f"{path}: no {'/'.join(LOCAL_FORMATS)} files in this folder")
-        return files
-    if path.suffix not in LOCAL_FORMATS:
-        raise PipelineError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
-    return [path]
-
-
-def load_rows(dataset: str, split: str, max_examples: int | None):
-    """Rows of a local file or folder, or of a hub dataset (streamed, so that the first N rows
-    of a large dataset do not need the whole download)."""
-    import datasets
-
-    path = Path(dataset).expanduser()
-    try:
-        if path.exists():
-            files = _local_files(path)
-            kinds = {LOCAL_FORMATS[f.suffix] for f in files}
-            if len(kinds) > 1:
-                raise PipelineError(f"{path}: mixes file types {sorted(kinds)}; keep one type per folder")
-            ds = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train",
-                                       streaming=True)
-        elif dataset.endswith(tuple(LOCAL_FORMATS)) or dataset.startswith((".", "/", "~")):
-            raise PipelineError(f"--dataset {dataset}: file not found")
-        else:
-            ds = datasets.load_dataset(dataset, split=split, streaming=True)
-        for i, row in enumerate(ds):
-            if max_examples and i >= max_examples:
-                break
-            yield row
-    except PipelineError:
-        raise
-    except Exception as e:
-        raise PipelineError(f"--dataset {dataset} (split {split}): cannot read it: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
-
-
-def prepare(dataset: str, split: str, output: Path, max_examples: int | None = None) -> dict:
-    """Convert a dataset to `{"messages": [...]}` JSONL, keeping only trainable conversations.
-
-    Returns the report (also written to `<output>.report.json`): rows read, kept, and dropped
-    by reason with the first row numbers of each.
-    """
-    output = Path(output)
-    kept: list[str] = []
-    dropped: Counter = Counter()
-    examples: dict[str, list[int]] = {}
-    read = 0
-    for read, row in enumerate(load_rows(dataset, split, max_examples), start=1):
-        messages = to_messages(row)
-        reason = "no known chat shape" if messages is None else problem(messages)
-        if reason:
-            dropped[reason] += 1
-            examples.setdefault(reason, [])
-            if len(examples[reason]) < 5:
-                examples[reason].append(read)
-            continue
-        kept.append(json.dumps({"messages": [{"role": m["role"], "content": m["content"]} for m in messages]},
-                               ensure_ascii=False))
-    if read == 0:
-        raise PipelineError(f"--dataset {dataset}: no rows to read")
-    if not kept:
-        raise PipelineError(f"--dataset {dataset}: none of {read} rows is a usable conversation "
-                            f"({dict(dropped)}); see the README for the shapes understood")
-    report = {
-        "dataset": dataset, "split": split, "output": str(output), "rows_read": read,
-        "kept": len(kept), "dropped": dict(dropped), "dropped_examples_rows": examples,
-    }
-    write_atomic(output, "\n".join(kept) + "\n")
-    write_json(output.with_name(output.name + ".report.json"), report)
-    return report
 
 
 def read_chat_jsonl(path: Path) -> list[list[dict]]:

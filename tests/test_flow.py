@@ -32,6 +32,7 @@ def test_pipeline_flow_runs_every_stage_as_tasks(prefect_harness, tmp_path, smal
     assert json.loads((run / "results.json").read_text())["results"][0]["base_response"]
     assert (run / "report.md").read_text().count("| What is 2 plus 3? |") == 1
     assert (tmp_path / "runs" / "data" / "small_10000.jsonl").exists()
+    assert (tmp_path / "runs" / "data" / "small_10000.val.jsonl").exists()  # 5% held out
 
     runs, artifacts = asyncio.run(_task_runs_and_artifacts(state.state_details.flow_run_id))
     names = {r.name for r in runs}
@@ -39,8 +40,9 @@ def test_pipeline_flow_runs_every_stage_as_tasks(prefect_harness, tmp_path, smal
     stages = {r.name.rsplit("-", 1)[0] for r in runs}
     assert {"prepare-data", "train-adapter", "evaluate-adapter", "write-report"} <= stages
     assert all(r.state.is_completed() for r in runs)
-    assert [a.key for a in artifacts] == ["lora-pipeline-report"]
-    assert "Training loss" in artifacts[0].description
+    assert sorted(a.key for a in artifacts) == ["lora-pipeline-data", "lora-pipeline-report"]
+    [report] = [a for a in artifacts if a.key == "lora-pipeline-report"]
+    assert "Training loss" in report.description
 
 
 def test_tinker_backend_without_a_key_fails_before_preparing(prefect_harness, tmp_path, small_data):
@@ -68,7 +70,8 @@ def test_a_rerun_reuses_finished_stages_and_a_changed_byte_redoes_them(prefect_h
         "prepare-data": "Cached", "train-adapter": "Cached", "evaluate-adapter": "Cached",
         "write-report": "Completed"}
 
-    small_data.write_bytes(small_data.read_bytes().replace(b"Arr!", b"Arr?", 1))
+    # One byte in every answer, so that the training split changes whatever the validation split holds.
+    small_data.write_bytes(small_data.read_bytes().replace(b"Arr!", b"Arr?"))
     third = lora_pipeline(**params, return_state=True)
     assert third.result()["run_dir"] != first.result()["run_dir"]
     assert set(_task_states(third.state_details.flow_run_id).values()) == {"Completed"}
