@@ -198,7 +198,7 @@ def prepare(dataset: str, split: str, output: Path, max_examples: int | None = N
                     continue
                 truncated += 1
             lengths.append(min(model_input.length, max_length))
-            assistant_tokens.append(int(sum(weights[:max_length])))
+            assistant_tokens.append(int(weights[:max_length].sum()))
         seen.add(line)
         kept.append(line)
 
