@@ -34,5 +34,9 @@ server: install
 serve: install
 	$(BIN)/lora-pipeline serve
 
+# Benchmarks write their figures to bench/results/<name>.json.
+bench: install
+	$(BIN)/python bench/prepare.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache

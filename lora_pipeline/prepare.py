@@ -139,6 +139,49 @@ def _quantiles(values: list[int]) -> dict:
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": v[-1]}
 
 
+class TokenCounter:
+    """Token counts as the renderer makes them, for many conversations at once.
+
+    The renderer tokenizes each message's content apart from the role markers around it, so a
+    conversation's length is the sum of its contents' token counts (one batched call to the
+    fast tokenizer for thousands of messages) plus the markers' tokens, which depend only on
+    the sequence of roles and are measured once per sequence. tests/test_data.py checks the
+    counts against the renderer's own."""
+
+    def __init__(self, renderer, tokenizer):
+        self.renderer, self.tokenizer = renderer, tokenizer
+        self.markers: dict[tuple, tuple[int, int]] = {}
+
+    def _markers(self, roles: tuple) -> tuple[int, int]:
+        """(all tokens, trained tokens) of a conversation of `roles` with one-token contents,
+        less those contents."""
+        if roles not in self.markers:
+            from tinker_cookbook.renderers import TrainOnWhat
+
+            model_input, weights = self.renderer.build_supervised_example(
+                [{"role": r, "content": "x"} for r in roles], train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES)
+            self.markers[roles] = (model_input.length - len(roles),
+                                   int(weights.sum()) - roles.count("assistant"))
+        return self.markers[roles]
+
+    def count(self, conversations: list[list[dict]], chunk: int = 2000) -> list[tuple[int, int]]:
+        """(tokens, trained assistant tokens) per conversation."""
+        counts = []
+        for start in range(0, len(conversations), chunk):
+            part = conversations[start:start + chunk]
+            ids = self.tokenizer([m["content"] for c in part for m in c], add_special_tokens=False)["input_ids"]
+            i = 0
+            for conversation in part:
+                roles = tuple(m["role"] for m in conversation)
+                total, trained = self._markers(roles)
+                for m in conversation:
+                    total += len(ids[i])
+                    trained += len(ids[i]) if m["role"] == "assistant" else 0
+                    i += 1
+                counts.append((total, trained))
+        return counts
+
+
 def prepare(dataset: str, split: str, output: Path, max_examples: int | None = None, *,
             config_name: str | None = None, fmt: str = "auto", columns: dict | None = None,
             first: bool = False, seed: int = 0, val_fraction: float = 0.0, max_length: int | None = None,
@@ -152,17 +195,18 @@ def prepare(dataset: str, split: str, output: Path, max_examples: int | None = N
     if not 0 <= val_fraction < 1:
         raise PipelineError("--val-fraction must be at least 0 and below 1")
     output = Path(output)
-    renderer = None
+    counter = None
     if max_length:
         from .models import SMOLLM2, load_tokenizer
         from .render import renderer_for
 
         model = base_model or SMOLLM2
-        renderer = renderer_for(model, load_tokenizer(model))
+        tokenizer = load_tokenizer(model)
+        counter = TokenCounter(renderer_for(model, tokenizer), tokenizer)
 
-    kept, lengths, assistant_tokens, seen = [], [], [], set()
+    kept, seen = [], set()  # kept: (where, messages, JSON line)
     dropped, examples = Counter(), {}
-    read = truncated = 0
+    read = 0
 
     def drop(where: str, reason: str) -> None:
         if strict:
@@ -187,20 +231,24 @@ def prepare(dataset: str, split: str, output: Path, max_examples: int | None = N
         if line in seen:
             drop(where, "exact duplicate")
             continue
-        if renderer is not None:
-            from tinker_cookbook.renderers import TrainOnWhat
+        seen.add(line)
+        kept.append((where, messages, line))
 
-            model_input, weights = renderer.build_supervised_example(
-                messages, train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES)
-            if model_input.length > max_length:
+    lengths, assistant_tokens, truncated = [], [], 0
+    if counter is not None:
+        counted = counter.count([messages for _, messages, _ in kept])
+        within = []
+        for (where, messages, line), (length, trained) in zip(kept, counted):
+            if length > max_length:
                 if on_overflow == "drop":
                     drop(where, f"longer than {max_length} tokens")
                     continue
                 truncated += 1
-            lengths.append(min(model_input.length, max_length))
-            assistant_tokens.append(int(weights[:max_length].sum()))
-        seen.add(line)
-        kept.append(line)
+            lengths.append(min(length, max_length))
+            assistant_tokens.append(trained)
+            within.append((where, messages, line))
+        kept = within
+    kept = [line for _, _, line in kept]
 
     if read == 0:
         raise PipelineError(f"--dataset {dataset}: no rows to read")
@@ -219,7 +267,7 @@ def prepare(dataset: str, split: str, output: Path, max_examples: int | None = N
         "rows_read": read, "kept": len(kept), "train": len(train), "val": len(val),
         "dropped": dict(dropped), "dropped_examples": examples,
     }
-    if renderer is not None:
+    if counter is not None:
         train_tokens = sum(n for i, n in enumerate(lengths) if i not in val_rows)
         report.update(max_length=max_length, on_overflow=on_overflow, truncated=truncated,
                       token_quantiles=_quantiles(lengths), assistant_tokens=sum(assistant_tokens),

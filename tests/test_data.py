@@ -170,3 +170,23 @@ def test_read_chat_jsonl_names_the_bad_line(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"messages": "caf\xe9"}\n')
     with pytest.raises(PipelineError, match="not UTF-8"):
         read_chat_jsonl(tmp_path / "latin1.jsonl")
+
+
+def test_batched_token_counts_equal_the_renderers(tmp_path):
+    from tinker_cookbook.renderers import TrainOnWhat
+
+    from conftest import SAMPLE
+    from lora_pipeline.models import SMOLLM2, load_tokenizer
+    from lora_pipeline.prepare import TokenCounter
+    from lora_pipeline.render import renderer_for
+
+    tokenizer = load_tokenizer(SMOLLM2)
+    renderer = renderer_for(SMOLLM2, tokenizer)
+    conversations = read_chat_jsonl(SAMPLE)[:60] + [
+        msgs(("system", "Be brief."), ("user", "Hi  there\n"), ("assistant", " Arr!"), ("user", "¿Qué?"),
+             ("assistant", "Ünïcödé 🦜 and\ttabs"))["messages"]]
+    expected = []
+    for c in conversations:
+        model_input, weights = renderer.build_supervised_example(c, train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES)
+        expected.append((model_input.length, int(weights.sum())))
+    assert TokenCounter(renderer, tokenizer).count(conversations, chunk=7) == expected

@@ -1,7 +1,7 @@
 """Training engines, shaped like Tinker's TrainingClient so the pipeline runs the same code on
 both: `forward_backward`, `optim_step`, `forward`, `sample`, `save_state`, `load_state`,
-`save_weights_for_sampler`. Calls return futures (`.result(timeout)`), as Tinker's do, so that
-a step can submit `forward_backward` and `optim_step` before waiting on either.
+`save_weights_for_sampler`. Calls return futures (`.result()`), as Tinker's do, so that a step
+can submit `forward_backward` and `optim_step` before waiting on either.
 """
 
 import os
@@ -20,8 +20,11 @@ class EngineTimeout(PipelineError, TimeoutError):
 
     def __init__(self, op: str, seconds: float, where: str | None = None):
         self.op, self.seconds, self.where = op, seconds, where
-        where = f" for {where}" if where else ""
-        super().__init__(f"Tinker did not answer {op}{where} within {seconds:g} s")
+        at = f" for {where}" if where else ""
+        super().__init__(f"Tinker did not answer {op}{at} within {seconds:g} s")
+
+    def __reduce__(self):  # Prefect pickles a failed task's exception
+        return EngineTimeout, (self.op, self.seconds, self.where)
 
 
 def retryable(e: BaseException) -> bool:

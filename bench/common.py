@@ -1,0 +1,29 @@
+"""Shared by the benchmarks: the machine, the versions, and writing figures to JSON."""
+
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    with open("/proc/meminfo") as f:
+        mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    return {"cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1), "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "versions": {p: version(p) for p in ("torch", "transformers", "peft", "tinker", "prefect", "datasets")}}
+
+
+def write(name: str, figures: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    record = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), **figures}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+    return path
