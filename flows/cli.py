@@ -19,7 +19,7 @@ from lora_pipeline.train import TrainConfig, preflight
 
 TRAIN_FLAGS = ("batch", "max_steps", "rank", "learning_rate", "save_every", "output_dir",
                "backend", "base_model", "seed", "run_name", "max_length", "on_overflow",
-               "request_timeout", "start_over")
+               "request_timeout", "start_over", "val_data")
 
 
 def _prepare_args(p):
@@ -90,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("train", help="train a LoRA adapter")
     p.add_argument("--data", required=True, help="chat JSONL from `prepare`")
+    p.add_argument("--val-data", default=None,
+                   help="held-out chat JSONL for validation loss (default: the .val.jsonl beside --data)")
     _train_args(p)
     p = sub.add_parser("test", help="answer prompts with a LoRA (and its base)")
     p.add_argument("--lora-weights", required=True, help="a run's final_lora_weights/ or checkpoint")
@@ -111,7 +113,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _train_config(a, data: str) -> TrainConfig:
-    return TrainConfig(data=data, **{k: getattr(a, k) for k in TRAIN_FLAGS})
+    flags = {k: getattr(a, k, None) for k in TRAIN_FLAGS}
+    beside = Path(data).with_name(Path(data).stem + ".val.jsonl")
+    if a.command == "train" and flags["val_data"] is None and beside.exists():
+        flags["val_data"] = str(beside)
+    return TrainConfig(data=data, **flags)
 
 
 def main(argv=None) -> int:
@@ -182,7 +188,7 @@ def _dispatch(a) -> int:
                             a.max_tokens, a.temperature, a.seed, a.request_timeout)
         print(f"Results: {Path(out)}")
     elif a.command == "run":
-        params = {k: getattr(a, k) for k in TRAIN_FLAGS}
+        params = {k: getattr(a, k) for k in TRAIN_FLAGS if k != "val_data"}
         s = pipeline.lora_pipeline(dataset=a.dataset, split=a.split, max_examples=a.max_examples,
                                    val_fraction=a.val_fraction,
                                    test_prompts=a.test_prompts, max_tokens=a.max_tokens,

@@ -78,14 +78,15 @@ def lora_pipeline(
     source = Path(dataset).stem if Path(dataset).exists() else f"{dataset}_{split}"
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", source)
     data_file = str(Path(output_dir) / "data" / f"{slug}_{max_examples or 'all'}.jsonl")
-    prepare_data(dataset, split, data_file, max_examples,
+    report = prepare_data(dataset, split, data_file, max_examples,
                  {"val_fraction": val_fraction, "max_length": max_length, "on_overflow": on_overflow,
                   "base_model": base_model, "seed": seed})
+    val_data = report["validation"]  # held-out loss is measured on it during training
     summary = train_adapter(dict(
         data=data_file, batch=batch, max_steps=max_steps, rank=rank, learning_rate=learning_rate,
         save_every=save_every, output_dir=output_dir, backend=backend, base_model=base_model,
         seed=seed, run_name=run_name, max_length=max_length, on_overflow=on_overflow,
-        request_timeout=request_timeout, start_over=start_over))
+        request_timeout=request_timeout, start_over=start_over, val_data=val_data))
     results = evaluate_adapter(summary["final_lora_weights"],
                                str(Path(summary["run_dir"]) / "results.json"), test_prompts,
                                None, compare_base, max_tokens, temperature, seed, request_timeout)

@@ -13,10 +13,19 @@ def _cell(text: str) -> str:
 
 
 def verdict(summary: dict) -> str:
+    """One sentence (two with held-out data): did training work, did the LoRA beat its base."""
     first, last = summary["first_loss"], summary["last_loss"]
     trend = "fell" if last < first else "did not fall"
-    return (f"Training loss {trend} from {first:.3f} to {last:.3f} over {summary['steps']} steps "
+    text = (f"Training loss {trend} from {first:.3f} to {last:.3f} over {summary['steps']} steps "
             f"({summary['tokens']} trained tokens in {summary['time_s']:.0f} s).")
+    base, final = summary.get("val_loss_base"), summary.get("val_loss_final")
+    if base is not None and final is not None:
+        change = (final - base) / base * 100
+        text += (f" On held-out data the LoRA {'beat' if final < base else 'did not beat'} the base model: "
+                 f"{final:.3f} vs {base:.3f} nats/token ({change:+.0f}%)")
+        best = summary.get("best")
+        text += f"; best at step {best['step']} ({best['val_loss']:.3f})." if best else "."
+    return text
 
 
 def write_report(summary: dict, results: dict) -> tuple[Path, str]:
@@ -31,8 +40,14 @@ def write_report(summary: dict, results: dict) -> tuple[Path, str]:
         f"| final adapter | `{summary['final_lora_weights']}` |",
         f"| checkpoints | {', '.join(e['name'] for e in summary['checkpoints']) or 'none'} |",
         f"| answers | `{run_dir / 'results.json'}` |", "",
-        "## Answers", "",
     ]
+    val_log = run_dir / "validation_log.json"
+    if val_log.exists():
+        lines += ["## Held-out loss", "", "| step | loss (nats/token) | perplexity |", "|---|---|---|"]
+        lines += [f"| {r['step']}{' (base)' if r['step'] == 0 else ''} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |"
+                  for r in json.loads(val_log.read_text())]
+        lines.append("")
+    lines += ["## Answers", ""]
     has_base = any("base_response" in r for r in results["results"])
     lines += ["| prompt | LoRA | base |", "|---|---|---|"] if has_base else ["| prompt | LoRA |", "|---|---|"]
     for r in results["results"]:

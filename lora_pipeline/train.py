@@ -6,12 +6,16 @@
     run_dir/final_lora_weights/  the adapter to use for inference
     run_dir/training_state/      what resuming needs, as of the last step
     run_dir/checkpoints.jsonl    every saved state and sampler path (tinker:// on Tinker), as made
+    run_dir/validation_log.json  held-out loss before training (the base model), at each
+                                 checkpoint and at the end: [{"step", "val_loss", "val_ppl"}, ...]
+    run_dir/best_lora_weights.json  the saved weights with the lowest held-out loss
 
 On Tinker the checkpoint folders hold the tinker:// paths (lora_pipeline.json), not weights.
 """
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 import time
@@ -49,6 +53,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     request_timeout: float = 120.0  # seconds any one engine call may take (Tinker)
     start_over: bool = False  # replace an existing run folder instead of continuing it
+    val_data: str | None = None  # held-out conversations: loss measured at start, checkpoints, end
 
     def check(self) -> None:
         for name in ("batch", "rank"):
@@ -77,6 +82,8 @@ def preflight(cfg: TrainConfig, read_data: bool = True) -> tuple[str, str, list]
     backend = choose_backend(cfg.backend)
     base_model = cfg.base_model or default_base_model(backend)
     conversations = read_chat_jsonl(Path(cfg.data)) if read_data else []
+    if read_data and cfg.val_data:
+        read_chat_jsonl(Path(cfg.val_data))
     check_base_model(backend, base_model)
     return backend, base_model, conversations
 
@@ -111,6 +118,10 @@ class TrainingRun:
         self.engine = self._new_engine()
         self.examples, self.render_report = render_conversations(
             conversations, self.engine.renderer, cfg.max_length, cfg.on_overflow)
+        self.val_examples = []
+        if cfg.val_data:
+            self.val_examples, _ = render_conversations(read_chat_jsonl(Path(cfg.val_data)), self.engine.renderer,
+                                                        cfg.max_length, cfg.on_overflow)
         if len(self.examples) < cfg.batch:
             raise PipelineError(f"--data {cfg.data}: {len(self.examples)} usable examples, fewer than "
                                 f"one batch of {cfg.batch}; lower --batch or add data")
@@ -119,6 +130,7 @@ class TrainingRun:
         self.steps_per_epoch = len(self.examples) // cfg.batch
         self.total_steps = cfg.max_steps or self.steps_per_epoch
         self.log: list[dict] = []
+        self.val_log: list[dict] = []
         self.saved: list[dict] = []  # the registry's usable entries, as in checkpoints.jsonl
         self.notes: list[str] = []  # what resuming found and did, for the logs
         self.first_step = 1
@@ -188,6 +200,9 @@ class TrainingRun:
             if (self.run_dir / "training_log.json").exists() else []
         self.log = [r for r in old_log if r["step"] <= done]
         write_json(self.run_dir / "training_log.json", self.log)
+        val_path = self.run_dir / "validation_log.json"
+        self.val_log = [r for r in (json.loads(val_path.read_text()) if val_path.exists() else [])
+                        if r["step"] <= done]
         self.first_step = done + 1
         self.notes.append(f"continuing after step {done} of {self.total_steps}" if done
                           else "no usable checkpoint: starting from step 1")
@@ -283,10 +298,45 @@ class TrainingRun:
         self.saved.append(entry)
         return entry
 
+    def validate(self, step: int) -> dict | None:
+        """Mean per-token loss on the held-out examples with the weights after `step` (0: the
+        base model, since a fresh LoRA changes nothing). All batches in flight together."""
+        if not self.val_examples or any(r["step"] == step for r in self.val_log):
+            return None
+        size = self.cfg.batch
+        chunks = [self.val_examples[i:i + size] for i in range(0, len(self.val_examples), size)]
+
+        def measure() -> float:
+            calls = [self.engine.forward(chunk) for chunk in chunks]
+            return sum(call.result().metrics["loss:sum"] for call in calls)
+        total = self._guarded(step, f"validation at step {step}", measure)
+        tokens = sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in self.val_examples)
+        record = {"step": step, "val_loss": total / tokens, "val_ppl": math.exp(min(total / tokens, 50))}
+        self.val_log.append(record)
+        write_json(self.run_dir / "validation_log.json", self.val_log)
+        return record
+
     def save_checkpoint(self, step: int) -> str:
         name = f"checkpoint_step_{step}"
         path = self._guarded(step, f"checkpoint at step {step}", lambda: self.engine.save_state(name).result())
-        return self._register(name, step, state_path=path)["state_path"]
+        self._register(name, step, state_path=path)
+        self.validate(step)
+        return path
+
+    def _best(self) -> dict | None:
+        """The saved weights with the lowest held-out loss, recorded in best_lora_weights.json."""
+        weights = {e["step"]: e for e in self.saved if e["name"].startswith("checkpoint_step_")}
+        weights[len(self.log)] = {"name": "final_lora_weights", "step": len(self.log),
+                                  "state_path": str(self.run_dir / "final_lora_weights")}
+        scored = [r for r in self.val_log if r["step"] in weights]
+        if not scored:
+            return None
+        best = min(scored, key=lambda r: r["val_loss"])
+        entry = weights[best["step"]]
+        record = {"name": entry["name"], "step": best["step"], "val_loss": best["val_loss"],
+                  "path": entry["state_path"]}
+        write_json(self.run_dir / "best_lora_weights.json", record)
+        return record
 
     def finish(self) -> dict:
         steps = len(self.log)
@@ -295,11 +345,15 @@ class TrainingRun:
         self._register("final_lora_weights", steps, sampler_path=final)
         state = self._guarded(steps, "the final state", lambda: self.engine.save_state("training_state").result())
         self._register("training_state", steps, state_path=state)
+        self.validate(steps)
+        base = next((r["val_loss"] for r in self.val_log if r["step"] == 0), None)
         summary = {
             "run_dir": str(self.run_dir), "final_lora_weights": str(self.run_dir / "final_lora_weights"),
             "checkpoints": self.saved, "backend": self.backend, "base_model": self.base_model,
             "steps": steps, "first_loss": self.log[0]["loss"], "last_loss": self.log[-1]["loss"],
             "tokens": sum(r["tokens"] for r in self.log),
+            "val_loss_base": base, "val_loss_final": self.val_log[-1]["val_loss"] if self.val_log else None,
+            "best": self._best(),
             "time_s": round(time.monotonic() - self.started, 2),
         }
         write_json(self.run_dir / "summary.json", summary)
@@ -307,13 +361,14 @@ class TrainingRun:
 
 
 def train(run: TrainingRun, step=TrainingRun.step, save=TrainingRun.save_checkpoint,
-          finish=TrainingRun.finish) -> dict:
-    """Train to the end and return the run's summary. `step`, `save` and `finish` are called
-    as `step(run, n)`, `save(run, n)`, `finish(run)`; the Prefect layer passes tasks here so
-    that each step and each save is a task run of its own, retried on its own."""
+          finish=TrainingRun.finish, validate=TrainingRun.validate) -> dict:
+    """Train to the end and return the run's summary. `step`, `save`, `finish` and `validate`
+    are called as `step(run, n)`, `save(run, n)`, `finish(run)`, `validate(run, 0)`; the Prefect
+    layer passes tasks here so that each is a task run of its own, retried on its own."""
     done = run.finished()
     if done:
         return done
+    validate(run, 0)  # the base model's held-out loss, once
     for n in range(run.first_step, run.total_steps + 1):
         step(run, n)
         if run.cfg.save_every and n % run.cfg.save_every == 0:

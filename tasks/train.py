@@ -31,8 +31,19 @@ def train_step(run: TrainingRun, n: int) -> dict:
 @sdk_retries_logged
 def save_checkpoint(run: TrainingRun, n: int) -> str:
     path = run.save_checkpoint(n)
-    get_run_logger().info("saved checkpoint_step_%d: %s", n, path)
+    held_out = next((f", held-out loss {r['val_loss']:.4f}" for r in run.val_log if r["step"] == n), "")
+    get_run_logger().info("saved checkpoint_step_%d: %s%s", n, path, held_out)
     return path
+
+
+@task(name="validate-base", cache_policy=NO_CACHE, **RETRY)
+@sdk_retries_logged
+def validate_base(run: TrainingRun, n: int) -> dict | None:
+    record = run.validate(n)
+    if record:
+        get_run_logger().info("held-out loss of the base model: %.4f (perplexity %.2f)",
+                              record["val_loss"], record["val_ppl"])
+    return record
 
 
 @task(name="save-final-weights", cache_policy=NO_CACHE, **RETRY)
@@ -46,14 +57,16 @@ def finish_training(run: TrainingRun) -> dict:
     return summary
 
 
-@task(name="train-adapter", cache_policy=cached_on_content(lambda p: [p["config"]["data"]]),
+@task(name="train-adapter",
+      cache_policy=cached_on_content(lambda p: [p["config"]["data"], p["config"].get("val_data")]),
       persist_result=True)
 def train_adapter(config: dict) -> dict:
     """Trains a LoRA from a prepared data file; returns the run's summary (paths, losses).
     The same data and config again give the cached summary: the adapter is not retrained."""
     run = start_training(config)
     try:
-        summary = train(run, step=train_step, save=save_checkpoint, finish=finish_training)
+        summary = train(run, step=train_step, save=save_checkpoint, finish=finish_training,
+                        validate=validate_base)
     except BaseException:
         run.close("errored")
         raise

@@ -30,7 +30,10 @@ def test_pipeline_flow_runs_every_stage_as_tasks(prefect_harness, tmp_path, smal
     run = tmp_path / "runs" / "flow"
     assert result["run_dir"] == str(run) and result["backend"] == "local"
     assert json.loads((run / "results.json").read_text())["results"][0]["base_response"]
-    assert (run / "report.md").read_text().count("| What is 2 plus 3? |") == 1
+    report = (run / "report.md").read_text()
+    assert report.count("| What is 2 plus 3? |") == 1
+    assert "## Held-out loss" in report and "| 0 (base) |" in report  # on the 5% validation split
+    assert "On held-out data the LoRA" in report
     assert (tmp_path / "runs" / "data" / "small_10000.jsonl").exists()
     assert (tmp_path / "runs" / "data" / "small_10000.val.jsonl").exists()  # 5% held out
 

@@ -12,13 +12,22 @@ from lora_pipeline.train import TrainConfig, TrainingRun, train
 
 def test_run_folder_layout_and_log(tmp_path, small_data, monkeypatch):
     monkeypatch.setenv("TINKER_API_KEY", "tml-do-not-leak-this")
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[-10:]))
     cfg = TrainConfig(data=str(small_data), batch=4, max_steps=4, save_every=2, learning_rate=5e-4,
-                      output_dir=str(tmp_path), backend="local", run_name="r1")
+                      output_dir=str(tmp_path), backend="local", run_name="r1", val_data=str(val))
     summary = train(TrainingRun(cfg))
     run = tmp_path / "r1"
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoint_step_2", "checkpoint_step_4", "checkpoints.jsonl", "config.json",
-        "final_lora_weights", "summary.json", "training_log.json", "training_state"]
+        "best_lora_weights.json", "checkpoint_step_2", "checkpoint_step_4", "checkpoints.jsonl",
+        "config.json", "final_lora_weights", "summary.json", "training_log.json", "training_state",
+        "validation_log.json"]
+    val_log = json.loads((run / "validation_log.json").read_text())
+    assert [r["step"] for r in val_log] == [0, 2, 4]
+    assert val_log[-1]["val_loss"] < val_log[0]["val_loss"]  # better than the base on held-out data
+    assert summary["val_loss_base"] == val_log[0]["val_loss"]
+    best = json.loads((run / "best_lora_weights.json").read_text())
+    assert best["val_loss"] == min(r["val_loss"] for r in val_log[1:])
     log = json.loads((run / "training_log.json").read_text())
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(set(r) == {"step", "loss", "tokens", "lr", "time_s"} for r in log)
