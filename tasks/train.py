@@ -64,9 +64,15 @@ def train_adapter(config: dict) -> dict:
     """Trains a LoRA from a prepared data file; returns the run's summary (paths, losses).
     The same data and config again give the cached summary: the adapter is not retrained."""
     run = start_training(config)
+    # Prefect's task timeout is a backstop behind the engine's own deadlines (it cannot stop a
+    # thread blocked in a socket). A step's calls are each bounded by request_timeout; after a
+    # failure, a step also replays the steps since the last checkpoint, two calls each.
+    backstop = None if run.backend == "local" else \
+        (2 * max(run.cfg.save_every, 1) + 6) * run.cfg.request_timeout
     try:
-        summary = train(run, step=train_step, save=save_checkpoint, finish=finish_training,
-                        validate=validate_base)
+        summary = train(run, step=train_step.with_options(timeout_seconds=backstop),
+                        save=save_checkpoint.with_options(timeout_seconds=backstop),
+                        finish=finish_training, validate=validate_base)
     except BaseException:
         run.close("errored")
         raise
