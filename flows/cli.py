@@ -64,7 +64,9 @@ def _timeout_arg(p):
 
 
 def _test_args(p):
-    p.add_argument("--test-prompts", default=None, help="JSON list of strings or message lists")
+    p.add_argument("--test-prompts", default=None,
+                   help="JSON list of strings or message lists, or a chat .jsonl (its prompts); "
+                        "`run` defaults to the held-out split's prompts")
     p.add_argument("--max-tokens", type=int, default=150)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
 
@@ -114,9 +116,9 @@ def parser() -> argparse.ArgumentParser:
 
 def _train_config(a, data: str) -> TrainConfig:
     flags = {k: getattr(a, k, None) for k in TRAIN_FLAGS}
-    beside = Path(data).with_name(Path(data).stem + ".val.jsonl")
-    if a.command == "train" and flags["val_data"] is None and beside.exists():
-        flags["val_data"] = str(beside)
+    if a.command == "train" and flags["val_data"] is None:  # `run` takes it from its prepare stage
+        beside = Path(data).with_name(Path(data).stem + ".val.jsonl")
+        flags["val_data"] = str(beside) if beside.exists() else None
     return TrainConfig(data=data, **flags)
 
 

@@ -88,7 +88,7 @@ def lora_pipeline(
         seed=seed, run_name=run_name, max_length=max_length, on_overflow=on_overflow,
         request_timeout=request_timeout, start_over=start_over, val_data=val_data))
     results = evaluate_adapter(summary["final_lora_weights"],
-                               str(Path(summary["run_dir"]) / "results.json"), test_prompts,
+                               str(Path(summary["run_dir"]) / "results.json"), test_prompts or val_data,
                                None, compare_base, max_tokens, temperature, seed, request_timeout)
     report = write_run_report(summary, results)
     return {**summary, "results": results, "report": report}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tinker import types
 
-from .data import write_json
+from .data import read_chat_jsonl, write_json
 from .engines import INFO_FILE, open_sampler
 from .errors import PipelineError
 
@@ -18,10 +18,14 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def load_prompts(path: str | None) -> list[list[dict]]:
-    """Prompts as message lists: a JSON list of message lists, or of strings (user turns)."""
+def load_prompts(path: str | None, limit: int = 16) -> list[list[dict]]:
+    """Prompts as message lists: a JSON list of message lists, or of strings (user turns); or a
+    chat JSONL such as prepare's validation split, whose conversations up to their last answer
+    become the prompts (the first `limit`)."""
     if not path:
         return [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS]
+    if str(path).endswith(".jsonl"):
+        return [messages[:-1] for messages in read_chat_jsonl(Path(path))[:limit]]
     try:
         items = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

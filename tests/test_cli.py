@@ -75,3 +75,15 @@ def test_test_rejects_a_folder_that_is_not_an_adapter(tmp_path):
     r = cli("test", "--lora-weights", tmp_path, "--output", "x.json", cwd=tmp_path)
     assert r.returncode == 1 and "not LoRA weights" in r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_run_does_the_whole_pipeline_from_the_command_line(tmp_path, small_data):
+    """The demo's command (make run), on less data: prepare, train, test, report."""
+    r = cli("run", "--dataset", small_data, "--batch", 4, "--max-steps", 2, "--save-every", 0,
+            "--max-tokens", 8, "--output-dir", "runs", "--run-name", "demo", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "demo"
+    assert f"Report: runs/demo/report.md" in r.stdout and (run / "report.md").exists()
+    assert "On held-out data the LoRA" in r.stdout
+    results = json.loads((run / "results.json").read_text())["results"]
+    assert results and all("base_response" in row for row in results)  # held-out prompts, compared

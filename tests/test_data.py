@@ -190,3 +190,12 @@ def test_batched_token_counts_equal_the_renderers(tmp_path):
         model_input, weights = renderer.build_supervised_example(c, train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES)
         expected.append((model_input.length, int(weights.sum())))
     assert TokenCounter(renderer, tokenizer).count(conversations, chunk=7) == expected
+
+
+def test_held_out_conversations_become_test_prompts(tmp_path):
+    from lora_pipeline.evaluate import load_prompts
+
+    convo = msgs(("system", "S"), ("user", "Hi"), ("assistant", "Arr!"), ("user", "More?"), ("assistant", "Aye."))
+    src = write_jsonl(tmp_path / "val.jsonl", [convo, GOOD])
+    assert load_prompts(str(src)) == [convo["messages"][:-1], GOOD["messages"][:1]]
+    assert load_prompts(str(src), limit=1) == [convo["messages"][:-1]]

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+from pathlib import Path
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -62,11 +63,14 @@ def _task_states(flow_run_id) -> dict:
 
 
 def test_a_rerun_reuses_finished_stages_and_a_changed_byte_redoes_them(prefect_harness, tmp_path, small_data):
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps(["Hello!"]))
     params = dict(dataset=str(small_data), batch=4, max_steps=3, save_every=0, backend="local",
-                  output_dir=str(tmp_path / "runs"), test_prompts=str(prompts), max_tokens=8)
+                  output_dir=str(tmp_path / "runs"), max_tokens=8)
     first = lora_pipeline(**params, return_state=True)
+    # Without test prompts, the held-out conversations' prompts are answered.
+    held_out = [json.loads(line)["messages"][:-1]
+                for line in (tmp_path / "runs" / "data" / "small_10000.val.jsonl").read_text().splitlines()]
+    results = json.loads(Path(first.result()["results"]).read_text())["results"]
+    assert [r["prompt"] for r in results] == held_out and held_out
     second = lora_pipeline(**params, return_state=True)
     assert second.result()["run_dir"] == first.result()["run_dir"]
     assert _task_states(second.state_details.flow_run_id) == {
