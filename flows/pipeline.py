@@ -6,6 +6,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from lora_pipeline.engines import check_base_model, choose_backend, default_base_model
 
+from tasks import unless_gone
 from tasks.evaluate import evaluate_adapter
 from tasks.prepare import prepare_data
 from tasks.report import write_run_report
@@ -25,24 +26,36 @@ def write_failure_note(flow, flow_run, state) -> None:
     get_run_logger().error("What failed and how to continue: %s", path)
 
 
+def _prepared(report: dict) -> list[str]:
+    return [report["output"]] + ([report["validation"]] if report["validation"] else [])
+
+
+def _trained(summary: dict) -> list[str]:
+    return [summary["final_lora_weights"]]
+
+
+def _answered(results_file: str) -> list[str]:
+    return [results_file]
+
+
 @flow(name="lora-pipeline-prepare")
 def prepare(dataset: str, output: str, split: str = "train", max_examples: int | None = None,
             options: dict | None = None) -> dict:
-    return prepare_data(dataset, split, output, max_examples, options)
+    return unless_gone(prepare_data, _prepared, dataset, split, output, max_examples, options)
 
 
 @flow(name="lora-pipeline-train", on_failure=[write_failure_note])
 def train(config: dict) -> dict:
     """`config` holds lora_pipeline.train.TrainConfig's fields, named like the CLI flags."""
-    return train_adapter(config)
+    return unless_gone(train_adapter, _trained, config)
 
 
 @flow(name="lora-pipeline-test")
 def test(lora_weights: str, output: str, test_prompts: str | None = None,
          base_model: str | None = None, compare_base: bool = False, max_tokens: int = 150,
          temperature: float = 0.7, seed: int = 0, request_timeout: float = 120.0) -> str:
-    return evaluate_adapter(lora_weights, output, test_prompts, base_model, compare_base,
-                            max_tokens, temperature, seed, request_timeout)
+    return unless_gone(evaluate_adapter, _answered, lora_weights, output, test_prompts, base_model,
+                       compare_base, max_tokens, temperature, seed, request_timeout)
 
 
 @flow(name="lora-pipeline", on_failure=[write_failure_note])
@@ -78,17 +91,17 @@ def lora_pipeline(
     source = Path(dataset).stem if Path(dataset).exists() else f"{dataset}_{split}"
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", source)
     data_file = str(Path(output_dir) / "data" / f"{slug}_{max_examples or 'all'}.jsonl")
-    report = prepare_data(dataset, split, data_file, max_examples,
-                 {"val_fraction": val_fraction, "max_length": max_length, "on_overflow": on_overflow,
-                  "base_model": base_model, "seed": seed})
+    report = unless_gone(prepare_data, _prepared, dataset, split, data_file, max_examples,
+                         {"val_fraction": val_fraction, "max_length": max_length, "on_overflow": on_overflow,
+                          "base_model": base_model, "seed": seed})
     val_data = report["validation"]  # held-out loss is measured on it during training
-    summary = train_adapter(dict(
+    summary = unless_gone(train_adapter, _trained, dict(
         data=data_file, batch=batch, max_steps=max_steps, rank=rank, learning_rate=learning_rate,
         save_every=save_every, output_dir=output_dir, backend=backend, base_model=base_model,
         seed=seed, run_name=run_name, max_length=max_length, on_overflow=on_overflow,
         request_timeout=request_timeout, start_over=start_over, val_data=val_data))
-    results = evaluate_adapter(summary["final_lora_weights"],
-                               str(Path(summary["run_dir"]) / "results.json"), test_prompts or val_data,
-                               None, compare_base, max_tokens, temperature, seed, request_timeout)
+    results = unless_gone(evaluate_adapter, _answered, summary["final_lora_weights"],
+                          str(Path(summary["run_dir"]) / "results.json"), test_prompts or val_data,
+                          None, compare_base, max_tokens, temperature, seed, request_timeout)
     report = write_run_report(summary, results)
     return {**summary, "results": results, "report": report}

@@ -61,3 +61,14 @@ def cached_on_content(files):
                 digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{file_sha256(f)}".encode())
         return digest.hexdigest()
     return TASK_SOURCE + INPUTS + CacheKeyFnPolicy(cache_key_fn=content_key)
+
+
+def unless_gone(task, produced, *args):
+    """`task(*args)`, run again with a refreshed cache if the files its result names are gone:
+    a cached result outlives the files it describes when they are deleted, or when another
+    checkout runs with the same relative paths."""
+    result = task(*args)
+    if not all(Path(p).exists() for p in produced(result)):
+        get_run_logger().info("%s: cached result names missing files; running it again", task.name)
+        result = task.with_options(refresh_cache=True)(*args)
+    return result

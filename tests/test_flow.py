@@ -77,6 +77,13 @@ def test_a_rerun_reuses_finished_stages_and_a_changed_byte_redoes_them(prefect_h
         "prepare-data": "Cached", "train-adapter": "Cached", "evaluate-adapter": "Cached",
         "write-report": "Completed"}
 
+    # A cached result whose files are gone (deleted, or another checkout's) is made again.
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    again = lora_pipeline(**params, return_state=True)
+    assert again.is_completed() and Path(again.result()["report"]).exists()
+
     # One byte in every answer, so that the training split changes whatever the validation split holds.
     small_data.write_bytes(small_data.read_bytes().replace(b"Arr!", b"Arr?"))
     third = lora_pipeline(**params, return_state=True)
