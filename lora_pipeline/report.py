@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .data import write_atomic
+from .train import TrainConfig, read_registry
 
 
 def _cell(text: str) -> str:
@@ -63,8 +64,6 @@ def write_report(summary: dict, results: dict) -> tuple[Path, str]:
 
 def resume_command(config: dict) -> str:
     """The `lora-pipeline train` command that continues the run of this config.json."""
-    from .train import TrainConfig
-
     args = [f"--data {config['data']}"]
     for f in dataclasses.fields(TrainConfig):
         value = config.get(f.name)
@@ -87,10 +86,7 @@ def write_failure_summary(output_dir: str, run_name: str | None, error: str, sin
     lines = ["# lora-pipeline run failed", "", f"**Error:** {error}", ""]
     if run_dir and (run_dir / "config.json").exists():
         config = json.loads((run_dir / "config.json").read_text())
-        registry = run_dir / "checkpoints.jsonl"
-        states = [json.loads(line) for line in registry.read_text().splitlines() if line.strip().endswith("}")] \
-            if registry.exists() else []
-        states = [e for e in states if e.get("state_path")]
+        states = [e for e in read_registry(run_dir) if e.get("state_path")]
         last = f"`{states[-1]['state_path']}` (step {states[-1]['step']})" if states else "none yet"
         lines += [f"**Run folder:** `{run_dir}`", f"**Last good checkpoint:** {last}", "",
                   "Continue where it stopped (same data and settings, same run name):", "",

@@ -88,6 +88,20 @@ def preflight(cfg: TrainConfig, read_data: bool = True) -> tuple[str, str, list]
     return backend, base_model, conversations
 
 
+def read_registry(run_dir: Path, notes: list[str] | None = None) -> list[dict]:
+    """The entries of run_dir/checkpoints.jsonl. A line cut short by a crash is skipped (and
+    said in `notes`)."""
+    path = run_dir / "checkpoints.jsonl"
+    entries = []
+    for n, line in enumerate(path.read_text().splitlines() if path.exists() else [], start=1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if notes is not None:
+                notes.append(f"checkpoints.jsonl:{n} is incomplete; ignored")
+    return entries
+
+
 # config.json's layout; a run folder of another format is not continued.
 FORMAT = 1
 # What must match for a run folder to be continued: the data and all that shapes the steps.
@@ -175,13 +189,7 @@ class TrainingRun:
         for leftover in sorted(self.run_dir.glob(".tmp-*")) + sorted(self.run_dir.glob(".old-*")):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
             self.notes.append(f"removed half-written {leftover.name}")
-        registry = []
-        path = self.run_dir / "checkpoints.jsonl"
-        for n, line in enumerate(path.read_text().splitlines() if path.exists() else [], start=1):
-            try:
-                registry.append(json.loads(line))
-            except json.JSONDecodeError:  # a write cut short by the crash
-                self.notes.append(f"checkpoints.jsonl:{n} is incomplete; ignored")
+        registry = read_registry(self.run_dir, self.notes)
         done, unusable = 0, set()
         for entry in reversed([e for e in registry if e["state_path"]]):
             try:
