@@ -88,6 +88,11 @@ def preflight(cfg: TrainConfig, read_data: bool = True) -> tuple[str, str, list]
     return backend, base_model, conversations
 
 
+def trained_tokens(data: list[types.Datum]) -> float:
+    """How many tokens of `data` carry loss weight: what a summed loss is divided by."""
+    return sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in data)
+
+
 def read_registry(run_dir: Path, notes: list[str] | None = None) -> list[dict]:
     """The entries of run_dir/checkpoints.jsonl. A line cut short by a crash is skipped (and
     said in `notes`)."""
@@ -243,12 +248,12 @@ class TrainingRun:
     def learning_rate(self, step: int) -> float:
         return self.cfg.learning_rate * (1 - (step - 1) / self.total_steps)  # linear decay to ~0
 
-    def _apply(self, step: int) -> types.ForwardBackwardOutput:
+    def _apply(self, step: int, batch: list[types.Datum]) -> types.ForwardBackwardOutput:
         cfg = self.cfg
         adam = types.AdamParams(learning_rate=self.learning_rate(step), beta1=cfg.beta1,
                                 beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
         # Both are submitted before either is awaited: on Tinker they then share a clock cycle.
-        fb = self.engine.forward_backward(self.batch(step), "cross_entropy")
+        fb = self.engine.forward_backward(batch, "cross_entropy")
         opt = self.engine.optim_step(adam)
         out = fb.result()
         opt.result()
@@ -268,7 +273,7 @@ class TrainingRun:
             self.engine = self._new_engine()
             start = 0
         for k in range(start + 1, done + 1):
-            self._apply(k)
+            self._apply(k, self.batch(k))
 
     def close(self, status: str = "success") -> None:
         self.engine.close(status)
@@ -290,8 +295,9 @@ class TrainingRun:
     def step(self, step: int) -> dict:
         """One optimizer step; returns and logs its record."""
         start = time.monotonic()
-        out = self._guarded(step - 1, f"step {step}", lambda: self._apply(step))
-        tokens = sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in self.batch(step))
+        batch = self.batch(step)
+        out = self._guarded(step - 1, f"step {step}", lambda: self._apply(step, batch))
+        tokens = trained_tokens(batch)
         record = {"step": step, "loss": out.metrics["loss:sum"] / tokens, "tokens": int(tokens),
                   "lr": self.learning_rate(step), "time_s": round(time.monotonic() - start, 4)}
         self.log.append(record)
@@ -318,7 +324,7 @@ class TrainingRun:
             calls = [self.engine.forward(chunk) for chunk in chunks]
             return sum(call.result().metrics["loss:sum"] for call in calls)
         total = self._guarded(step, f"validation at step {step}", measure)
-        tokens = sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in self.val_examples)
+        tokens = trained_tokens(self.val_examples)
         record = {"step": step, "val_loss": total / tokens, "val_ppl": math.exp(min(total / tokens, 50))}
         self.val_log.append(record)
         write_json(self.run_dir / "validation_log.json", self.val_log)
