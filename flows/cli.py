@@ -170,6 +170,7 @@ def _dispatch(a) -> int:
         load_prompts(a.test_prompts)
 
     from flows import pipeline
+    from lora_pipeline.report import verdict
 
     if a.command == "prepare":
         from lora_pipeline.prepare import summary
@@ -183,8 +184,7 @@ def _dispatch(a) -> int:
         s = pipeline.train(dataclasses.asdict(cfg))
         for entry in s["checkpoints"]:
             print(f"{entry['name']} (step {entry['step']}): {entry['state_path'] or entry['sampler_path']}")
-        print(f"Run folder: {s['run_dir']}\nFinal LoRA weights: {s['final_lora_weights']}\n"
-              f"Loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} over {s['steps']} steps")
+        print(f"Run folder: {s['run_dir']}\nFinal LoRA weights: {s['final_lora_weights']}\n{verdict(s)}")
     elif a.command == "test":
         out = pipeline.test(a.lora_weights, a.output, a.test_prompts, a.base_model, a.compare_base,
                             a.max_tokens, a.temperature, a.seed, a.request_timeout)
@@ -195,8 +195,6 @@ def _dispatch(a) -> int:
                                    val_fraction=a.val_fraction,
                                    test_prompts=a.test_prompts, max_tokens=a.max_tokens,
                                    temperature=a.temperature, compare_base=a.compare_base, **params)
-        from lora_pipeline.report import verdict
-
         print(f"\n{verdict(s)}\nRun folder: {s['run_dir']}\nAnswers: {s['results']}\nReport: {s['report']}")
     return 0
 

@@ -5,6 +5,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from lora_pipeline.engines import check_base_model, choose_backend, default_base_model
+from lora_pipeline.report import verdict
 
 from tasks import unless_gone
 from tasks.evaluate import evaluate_adapter
@@ -104,4 +105,5 @@ def lora_pipeline(
                           str(Path(summary["run_dir"]) / "results.json"), test_prompts or val_data,
                           None, compare_base, max_tokens, temperature, seed, request_timeout)
     report = write_run_report(summary, results)
+    get_run_logger().info("%s Report: %s", verdict(summary), report)
     return {**summary, "results": results, "report": report}

@@ -1,12 +1,18 @@
-"""The run's report: what was trained, how the loss went, and the answers side by side; and
-the note a failed run leaves behind."""
+"""The run's report: what was trained, how the losses went, signs of overfitting, and the
+answers side by side, as report.md and as a self-contained report.html with loss.png embedded;
+and the note a failed run leaves behind."""
 
+import base64
 import dataclasses
+import html
+import io
 import json
 from pathlib import Path
 
-from .data import write_atomic
+from .data import read_chat_jsonl, write_atomic
 from .train import TrainConfig, read_registry
+
+SPAN = 50  # characters an answer must share with a training example to count as repeated verbatim
 
 
 def _cell(text: str) -> str:
@@ -29,37 +35,259 @@ def verdict(summary: dict) -> str:
     return text
 
 
-def write_report(summary: dict, results: dict) -> tuple[Path, str]:
-    """`report.md` in the run folder; returns its path and its markdown."""
+def shares_span(text: str, corpus: str, span: int = SPAN) -> bool:
+    """Whether `text` and `corpus` have a common substring of `span` characters.
+    Any such substring holds a whole piece of `text` of span // 2 characters that starts at a
+    multiple of span // 2, so only those pieces are looked up (str.find, at C speed); each
+    place a piece occurs is then widened both ways to see how long the common run is."""
+    k = span // 2
+    for start in range(0, len(text) - k + 1, k):
+        piece = text[start:start + k]
+        at = corpus.find(piece)
+        while at != -1:
+            left = 0
+            while left < start and left < at and text[start - left - 1] == corpus[at - left - 1]:
+                left += 1
+            right = k
+            while start + right < len(text) and at + right < len(corpus) and \
+                    text[start + right] == corpus[at + right]:
+                right += 1
+            if left + right >= span:
+                return True
+            at = corpus.find(piece, at + 1)
+    return False
+
+
+def verbatim_counts(results: list[dict], data: Path) -> dict:
+    """How many LoRA (and base) answers repeat SPAN characters of a training example verbatim."""
+    # \0 between examples: no match runs from one example into the next.
+    corpus = "\n\0\n".join("\n".join(m["content"] for m in conv) for conv in read_chat_jsonl(data))
+    return {who: sum(shares_span(r[f"{who}_response"], corpus) for r in results)
+            for who in ("lora", "base") if all(f"{who}_response" in r for r in results)}
+
+
+def checkpoint_rows(summary: dict, train_log: list[dict], val_log: list[dict]) -> list[dict]:
+    """One row per saved adapter: its step, the loss of that step's batch, and where held-out
+    data was given, the loss on held-out and on as many training examples with its weights and
+    the gap between them (held-out minus training)."""
+    step_loss = {r["step"]: r["loss"] for r in train_log}
+    measured = {r["step"]: r for r in val_log}
+    best = (summary.get("best") or {}).get("name")
+    rows = []
+    for entry in summary["checkpoints"]:
+        if entry["name"] == "training_state":
+            continue
+        m = measured.get(entry["step"], {})
+        val, train = m.get("val_loss"), m.get("train_loss")
+        rows.append({"name": entry["name"], "step": entry["step"], "step_loss": step_loss.get(entry["step"]),
+                     "train_loss": train, "val_loss": val,
+                     "gap": val - train if val is not None and train is not None else None,
+                     "best": entry["name"] == best, "path": entry["state_path"] or entry["sampler_path"]})
+    return rows
+
+
+def overfitting(val_log: list[dict], verbatim: dict, answers: int) -> list[str]:
+    """Plain sentences on the signs of overfitting: held-out loss rising again, the gap between
+    held-out and training loss widening, answers that repeat training data word for word."""
+    lines = []
+    measured = [r for r in val_log if r["step"] > 0]
+    if measured:
+        best = min(measured, key=lambda r: r["val_loss"])
+        last = measured[-1]
+        if last["val_loss"] > best["val_loss"] * 1.01:
+            lines.append(f"Held-out loss was lowest at step {best['step']} ({best['val_loss']:.3f}) and rose to "
+                         f"{last['val_loss']:.3f} by step {last['step']}: the LoRA is overfitting; "
+                         "best_lora_weights.json names the better adapter.")
+        else:
+            lines.append(f"Held-out loss did not rise again (last {last['val_loss']:.3f} at step {last['step']}): "
+                         "no sign of overfitting there.")
+    gaps = [r for r in measured if "train_loss" in r]
+    if len(gaps) >= 2:
+        before, after = (r["val_loss"] - r["train_loss"] for r in (gaps[0], gaps[-1]))
+        lines.append(f"Held-out minus training loss (same weights, as many examples) went from {before:+.3f} "
+                     f"at step {gaps[0]['step']} to {after:+.3f} at step {gaps[-1]['step']}"
+                     + (": widening, the LoRA fits its training data better than new data."
+                        if after > before + 0.05 else "."))
+    if verbatim and answers:
+        said = [f"{who} {n}/{answers} ({n / answers:.0%})" for who, n in
+                (("LoRA", verbatim.get("lora")), ("base", verbatim.get("base"))) if n is not None]
+        lines.append(f"Answers repeating {SPAN} characters of a training example verbatim: {', '.join(said)}.")
+    return lines
+
+
+def _read_json(path: Path, default):
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def metrics(summary: dict, results: dict) -> dict:
+    """Everything the report shows, computed once from the run folder and the answers."""
     run_dir = Path(summary["run_dir"])
-    lines = [
-        f"# LoRA run `{run_dir.name}`", "",
-        verdict(summary), "",
-        "| | |", "|---|---|",
-        f"| engine | {summary['backend']} |",
-        f"| base model | {summary['base_model']} |",
-        f"| final adapter | `{summary['final_lora_weights']}` |",
-        f"| checkpoints | {', '.join(e['name'] for e in summary['checkpoints']) or 'none'} |",
-        f"| answers | `{run_dir / 'results.json'}` |", "",
-    ]
-    val_log = run_dir / "validation_log.json"
-    if val_log.exists():
-        lines += ["## Held-out loss", "", "| step | loss (nats/token) | perplexity |", "|---|---|---|"]
+    train_log = _read_json(run_dir / "training_log.json", [])
+    val_log = _read_json(run_dir / "validation_log.json", [])
+    config = _read_json(run_dir / "config.json", {})
+    data = Path(config.get("data", ""))
+    verbatim = verbatim_counts(results["results"], data) if data.is_file() else {}
+    step_time = sum(r["time_s"] for r in train_log)
+    rows = checkpoint_rows(summary, train_log, val_log)
+    return {
+        "train_log": train_log, "val_log": val_log, "checkpoints": rows, "verbatim": verbatim,
+        "step_time_s": step_time, "tokens_per_s": summary["tokens"] / step_time if step_time else None,
+        "overfitting": overfitting(val_log, verbatim, len(results["results"])),
+    }
+
+
+def loss_figure(train_log: list[dict], val_log: list[dict]):
+    """Training loss at every step and held-out loss where it was measured (step 0: the base)."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    fig = Figure(figsize=(7.5, 3.8), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    ax.plot([r["step"] for r in train_log], [r["loss"] for r in train_log], color="#1f77b4",
+            linewidth=1.4, label="training loss (each step's batch)")
+    if val_log:
+        ax.plot([r["step"] for r in val_log], [r["val_loss"] for r in val_log], "o-", color="#d62728",
+                linewidth=1.4, label="held-out loss (step 0: base model)")
+        measured = [r for r in val_log if "train_loss" in r]
+        ax.plot([r["step"] for r in measured], [r["train_loss"] for r in measured], "s--", color="#1f77b4",
+                alpha=0.6, label="training examples, measured like held-out")
+        best = min(val_log, key=lambda r: r["val_loss"])
+        ax.plot([best["step"]], [best["val_loss"]], "*", color="#d62728", markersize=14, label="best")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _f(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+CHECKPOINT_COLUMNS = ["adapter", "step", "batch loss", "training loss", "held-out loss", "gap"]
+
+
+def checkpoint_cells(r: dict) -> list:
+    """A checkpoint row as CHECKPOINT_COLUMNS: the loss of the step's batch, then the losses
+    measured with its weights on training and held-out examples, and their difference."""
+    return [r["name"] + (" (best)" if r["best"] else ""), r["step"], _f(r["step_loss"]), _f(r["train_loss"]),
+            _f(r["val_loss"]), _f(r["gap"])]
+
+
+def _summary_rows(summary: dict, m: dict) -> list[tuple[str, str]]:
+    best = summary.get("best")
+    rows = [("engine", summary["backend"]), ("base model", summary["base_model"]),
+            ("steps", str(summary["steps"])), ("trained tokens", f"{summary['tokens']:,}"),
+            ("time", f"{summary['time_s']:.0f} s ({m['step_time_s']:.0f} s in steps)"),
+            ("tokens/s", _f(m["tokens_per_s"], 0))]
+    if summary.get("val_loss_base") is not None:
+        rows += [("held-out loss, base", _f(summary["val_loss_base"], 4)),
+                 ("held-out loss, LoRA (final)", _f(summary["val_loss_final"], 4))]
+        if best:
+            rows.append(("held-out loss, best", f"{best['val_loss']:.4f} ({best['name']}, step {best['step']})"))
+    rows += [("final adapter", summary["final_lora_weights"])]
+    return rows
+
+
+def _answer_columns(results: dict) -> list[str]:
+    return ["lora"] + (["base"] if all("base_response" in r for r in results["results"]) else [])
+
+
+def _markdown(summary: dict, results: dict, m: dict) -> str:
+    run_dir = Path(summary["run_dir"])
+    lines = [f"# LoRA run `{run_dir.name}`", "", verdict(summary), "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {_cell(v)} |" for k, v in _summary_rows(summary, m)]
+    lines += ["", "Plots and everything below: `report.html` (loss curves: `loss.png`).", ""]
+    lines += ["## Checkpoints", "", "| " + " | ".join(CHECKPOINT_COLUMNS) + " |", "|---" * len(CHECKPOINT_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(map(str, checkpoint_cells(r))) + " |" for r in m["checkpoints"]]
+    if m["val_log"]:
+        lines += ["", "## Held-out loss", "", "| step | loss (nats/token) | perplexity |", "|---|---|---|"]
         lines += [f"| {r['step']}{' (base)' if r['step'] == 0 else ''} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |"
-                  for r in json.loads(val_log.read_text())]
-        lines.append("")
-    lines += ["## Answers", ""]
-    has_base = any("base_response" in r for r in results["results"])
-    lines += ["| prompt | LoRA | base |", "|---|---|---|"] if has_base else ["| prompt | LoRA |", "|---|---|"]
+                  for r in m["val_log"]]
+    if m["overfitting"]:
+        lines += ["", "## Overfitting", ""] + [f"- {line}" for line in m["overfitting"]]
+    who = _answer_columns(results)
+    lines += ["", "## Answers", "", "| prompt | " + " | ".join("LoRA" if w == "lora" else "base" for w in who) + " |",
+              "|---" * (len(who) + 1) + "|"]
     for r in results["results"]:
-        row = [_cell(r["prompt"][-1]["content"]), _cell(r["lora_response"])]
-        if has_base:
-            row.append(_cell(r.get("base_response", "")))
-        lines.append("| " + " | ".join(row) + " |")
-    markdown = "\n".join(lines) + "\n"
-    path = run_dir / "report.md"
-    write_atomic(path, markdown)
-    return path, markdown
+        lines.append("| " + " | ".join([_cell(r["prompt"][-1]["content"])]
+                                       + [_cell(r[f"{w}_response"]) for w in who]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;color:#222}
+table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.3rem .6rem;
+text-align:left;vertical-align:top}th{background:#f3f3f3}.num{text-align:right;font-variant-numeric:tabular-nums}
+.best{background:#fff5d6}.meta{color:#777;font-size:.85em}.answer{white-space:pre-wrap;max-width:28rem}
+img{max-width:100%}"""
+
+
+def _table(headers: list[str], rows: list[list[str]], row_class=lambda i: "", table_id: str = "") -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>" if any(headers) else ""
+    body = "".join(f'<tr class="{row_class(i)}">' + "".join(row) + "</tr>" for i, row in enumerate(rows))
+    id_attr = f' id="{table_id}"' if table_id else ""
+    return f"<table{id_attr}>{head}{body}</table>"
+
+
+def _td(value, cls: str = "") -> str:
+    return f'<td class="{cls}">{html.escape(str(value))}</td>'
+
+
+def _html(summary: dict, results: dict, m: dict, png: bytes) -> str:
+    name = Path(summary["run_dir"]).name
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>LoRA run {html.escape(name)}</title>",
+             f"<style>{_STYLE}</style></head><body>",
+             f"<h1>LoRA run <code>{html.escape(name)}</code></h1><p>{html.escape(verdict(summary))}</p>",
+             "<h2>Summary</h2>", _table(["", ""], [[_td(k), _td(v)] for k, v in _summary_rows(summary, m)]),
+             "<h2>Loss</h2>",
+             f'<img alt="training and held-out loss per step" src="data:image/png;base64,{base64.b64encode(png).decode()}">',
+             "<h2>Checkpoints</h2>",
+             _table(CHECKPOINT_COLUMNS + ["path"],
+                    [[_td(c, "num" if i else "") for i, c in enumerate(checkpoint_cells(r))] + [_td(r["path"])]
+                     for r in m["checkpoints"]],
+                    lambda i: "best" if m["checkpoints"][i]["best"] else "")]
+    if m["overfitting"]:
+        parts += ["<h2>Overfitting</h2><ul>"] + [f"<li>{html.escape(line)}</li>" for line in m["overfitting"]] + ["</ul>"]
+    who = _answer_columns(results)
+    parts += ["<h2>Answers</h2>",
+              _table(["prompt"] + ["LoRA" if w == "lora" else "base" for w in who],
+                     [[f'<td class="answer">{html.escape(r["prompt"][-1]["content"])}</td>']
+                      + [f'<td class="answer">{html.escape(r[f"{w}_response"])}<div class="meta">'
+                         f'{r.get(f"{w}_tokens", "?")} tokens, {html.escape(str(r.get(f"{w}_stop_reason", "?")))}'
+                         "</div></td>" for w in who] for r in results["results"]])]
+    s = results.get("settings", {})
+    parts.append(f'<p class="meta">Sampled with max_tokens {s.get("max_tokens")}, temperature '
+                 f'{s.get("temperature")}, seed {s.get("seed")}; the same for LoRA and base.</p>')
+    parts += ["<details><summary>Training log (the points of the curves)</summary>",
+              _table(["step", "loss", "tokens", "learning rate", "seconds"],
+                     [[_td(r["step"], "num"), _td(f"{r['loss']:.6f}", "num"), _td(r["tokens"], "num"),
+                       _td(f"{r['lr']:.3e}", "num"), _td(r["time_s"], "num")] for r in m["train_log"]],
+                     table_id="training-log")]
+    if m["val_log"]:
+        parts += [_table(["step", "held-out loss", "perplexity"],
+                         [[_td(r["step"], "num"), _td(f"{r['val_loss']:.6f}", "num"), _td(f"{r['val_ppl']:.3f}", "num")]
+                          for r in m["val_log"]], table_id="validation-log")]
+    parts += ["</details></body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(summary: dict, results: dict) -> dict:
+    """report.md, report.html (self-contained: the plot is embedded) and loss.png in the run
+    folder. Returns their paths, the markdown and the metrics behind them."""
+    run_dir = Path(summary["run_dir"])
+    m = metrics(summary, results)
+    png = _png(loss_figure(m["train_log"], m["val_log"]))
+    write_atomic(run_dir / "loss.png", png)
+    markdown = _markdown(summary, results, m)
+    write_atomic(run_dir / "report.md", markdown)
+    write_atomic(run_dir / "report.html", _html(summary, results, m, png))
+    return {"markdown_path": str(run_dir / "report.md"), "html_path": str(run_dir / "report.html"),
+            "png_path": str(run_dir / "loss.png"), "markdown": markdown, "metrics": m}
 
 
 def resume_command(config: dict) -> str:

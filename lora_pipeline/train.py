@@ -7,7 +7,8 @@
     run_dir/training_state/      what resuming needs, as of the last step
     run_dir/checkpoints.jsonl    every saved state and sampler path (tinker:// on Tinker), as made
     run_dir/validation_log.json  held-out loss before training (the base model), at each
-                                 checkpoint and at the end: [{"step", "val_loss", "val_ppl"}, ...]
+                                 checkpoint and at the end, and the loss on as many training
+                                 examples: [{"step", "val_loss", "val_ppl", "train_loss"}, ...]
     run_dir/best_lora_weights.json  the saved weights with the lowest held-out loss
 
 On Tinker the checkpoint folders hold the tinker:// paths (lora_pipeline.json), not weights.
@@ -141,6 +142,10 @@ class TrainingRun:
         if cfg.val_data:
             self.val_examples, _ = render_conversations(read_chat_jsonl(Path(cfg.val_data)), self.engine.renderer,
                                                         cfg.max_length, cfg.on_overflow)
+        # As many training examples as held-out ones, measured alongside them: the gap between
+        # the two losses, taken with the same weights, is the overfitting signal.
+        picked = np.random.default_rng(cfg.seed).permutation(len(self.examples))[:len(self.val_examples)]
+        self.train_sample = [self.examples[j] for j in sorted(picked)]
         if len(self.examples) < cfg.batch:
             raise PipelineError(f"--data {cfg.data}: {len(self.examples)} usable examples, fewer than "
                                 f"one batch of {cfg.batch}; lower --batch or add data")
@@ -313,19 +318,23 @@ class TrainingRun:
         return entry
 
     def validate(self, step: int) -> dict | None:
-        """Mean per-token loss on the held-out examples with the weights after `step` (0: the
-        base model, since a fresh LoRA changes nothing). All batches in flight together."""
+        """Mean per-token loss on the held-out examples, and on as many training examples, with
+        the weights after `step` (0: the base model, since a fresh LoRA changes nothing). All
+        batches in flight together."""
         if not self.val_examples or any(r["step"] == step for r in self.val_log):
             return None
         size = self.cfg.batch
-        chunks = [self.val_examples[i:i + size] for i in range(0, len(self.val_examples), size)]
 
-        def measure() -> float:
-            calls = [self.engine.forward(chunk) for chunk in chunks]
-            return sum(call.result().metrics["loss:sum"] for call in calls)
-        total = self._guarded(step, f"validation at step {step}", measure)
-        tokens = trained_tokens(self.val_examples)
-        record = {"step": step, "val_loss": total / tokens, "val_ppl": math.exp(min(total / tokens, 50))}
+        def measure() -> list[float]:
+            # Sorted by length, so that each chunk pads little; the sum does not depend on order.
+            calls = [[self.engine.forward(examples[i:i + size]) for i in range(0, len(examples), size)]
+                     for examples in (sorted(group, key=lambda d: d.model_input.length)
+                                      for group in (self.val_examples, self.train_sample))]
+            return [sum(call.result().metrics["loss:sum"] for call in group) for group in calls]
+        val_sum, train_sum = self._guarded(step, f"validation at step {step}", measure)
+        val_loss = val_sum / trained_tokens(self.val_examples)
+        record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                  "train_loss": train_sum / trained_tokens(self.train_sample)}
         self.val_log.append(record)
         write_json(self.run_dir / "validation_log.json", self.val_log)
         return record

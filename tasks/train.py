@@ -1,4 +1,5 @@
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from lora_pipeline.train import TrainConfig, TrainingRun, train
@@ -69,8 +70,20 @@ def train_adapter(config: dict) -> dict:
     # failure, a step also replays the steps since the last checkpoint, two calls each.
     backstop = None if run.backend == "local" else \
         (2 * max(run.cfg.save_every, 1) + 6) * run.cfg.request_timeout
+    step = train_step.with_options(timeout_seconds=backstop)
+
+    def step_with_progress(run: TrainingRun, n: int) -> dict:
+        record = step(run, n)
+        update_progress_artifact(progress, 100 * n / run.total_steps,
+                                 description=f"{run.run_dir.name}: step {n}/{run.total_steps}, "
+                                             f"loss {record['loss']:.4f}")
+        return record
+
     try:
-        summary = train(run, step=train_step.with_options(timeout_seconds=backstop),
+        progress = create_progress_artifact(
+            100 * (run.first_step - 1) / run.total_steps, key="lora-pipeline-progress",
+            description=f"{run.run_dir.name}: training from step {run.first_step} of {run.total_steps}")
+        summary = train(run, step=step_with_progress,
                         save=save_checkpoint.with_options(timeout_seconds=backstop),
                         finish=finish_training, validate=validate_base)
     except BaseException:

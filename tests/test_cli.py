@@ -83,7 +83,7 @@ def test_run_does_the_whole_pipeline_from_the_command_line(tmp_path, small_data)
             "--max-tokens", 8, "--output-dir", "runs", "--run-name", "demo", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "demo"
-    assert f"Report: runs/demo/report.md" in r.stdout and (run / "report.md").exists()
+    assert r.stdout.rstrip().endswith("Report: runs/demo/report.html") and (run / "report.html").exists()
     assert "On held-out data the LoRA" in r.stdout
     results = json.loads((run / "results.json").read_text())["results"]
     assert results and all("base_response" in row for row in results)  # held-out prompts, compared

@@ -31,6 +31,7 @@ def test_pipeline_flow_runs_every_stage_as_tasks(prefect_harness, tmp_path, smal
     run = tmp_path / "runs" / "flow"
     assert result["run_dir"] == str(run) and result["backend"] == "local"
     assert json.loads((run / "results.json").read_text())["results"][0]["base_response"]
+    assert result["report"] == str(run / "report.html") and (run / "loss.png").exists()
     report = (run / "report.md").read_text()
     assert report.count("| What is 2 plus 3? |") == 1
     assert "## Held-out loss" in report and "| 0 (base) |" in report  # on the 5% validation split
@@ -44,9 +45,18 @@ def test_pipeline_flow_runs_every_stage_as_tasks(prefect_harness, tmp_path, smal
     stages = {r.name.rsplit("-", 1)[0] for r in runs}
     assert {"prepare-data", "train-adapter", "evaluate-adapter", "write-report"} <= stages
     assert all(r.state.is_completed() for r in runs)
-    assert sorted(a.key for a in artifacts) == ["lora-pipeline-data", "lora-pipeline-report"]
-    [report] = [a for a in artifacts if a.key == "lora-pipeline-report"]
-    assert "Training loss" in report.description
+    by_key = {a.key: a for a in artifacts}
+    assert sorted(by_key) == ["lora-pipeline-answers", "lora-pipeline-checkpoints", "lora-pipeline-data",
+                              "lora-pipeline-progress", "lora-pipeline-report", "lora-pipeline-report-link"]
+    assert "Training loss" in by_key["lora-pipeline-report"].description
+    assert by_key["lora-pipeline-progress"].type == "progress" and by_key["lora-pipeline-progress"].data == 100
+    assert "step 3/3" in by_key["lora-pipeline-progress"].description
+    checkpoints = json.loads(by_key["lora-pipeline-checkpoints"].data)
+    assert [row["adapter"].removesuffix(" (best)") for row in checkpoints] == ["checkpoint_step_2", "final_lora_weights"]
+    assert sum(row["adapter"].endswith("(best)") for row in checkpoints) == 1
+    answers = json.loads(by_key["lora-pipeline-answers"].data)
+    assert [row["prompt"] for row in answers] == ["What is 2 plus 3?", "Hello!"] and answers[0]["base"]
+    assert by_key["lora-pipeline-report-link"].data == f"[report.html of flow]({(run / 'report.html').as_uri()})"
 
 
 def test_tinker_backend_without_a_key_fails_before_preparing(prefect_harness, tmp_path, small_data):
