@@ -153,12 +153,14 @@ class TrainingRun:
         # and a step's batch depends only on (data, seed, step), which exact replay relies on.
         self.steps_per_epoch = len(self.examples) // cfg.batch
         self.total_steps = cfg.max_steps or self.steps_per_epoch
+        self._epochs: dict[int, list[list[int]]] = {}  # the current epoch's batches
         self.log: list[dict] = []
         self.val_log: list[dict] = []
         self.saved: list[dict] = []  # the registry's usable entries, as in checkpoints.jsonl
         self.notes: list[str] = []  # what resuming found and did, for the logs
         self.first_step = 1
         self.dirty = False  # an engine call failed part-way: the engine's state is unknown
+        self.queued: dict[int, tuple] = {}  # step -> its submitted (forward_backward, optim_step)
         self.started = time.monotonic()
         if resuming:
             self._resume()
@@ -244,22 +246,49 @@ class TrainingRun:
                 return summary
         return None
 
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        """The batches of an epoch, as example indices: a fresh seeded shuffle, then, within
+        windows of 16 batches, examples of similar length are batched together and the batches
+        shuffled. Padding a batch to its longest example then wastes little compute (the
+        local engine pads; see bench/throughput.py), and which examples share a step is still
+        random beyond the window."""
+        if epoch not in self._epochs:
+            rng = np.random.default_rng([self.cfg.seed, epoch])
+            size = self.cfg.batch
+            order = rng.permutation(len(self.examples))[:self.steps_per_epoch * size]
+            batches = []
+            for w in range(0, len(order), 16 * size):
+                window = sorted(order[w:w + 16 * size], key=lambda j: self.examples[j].model_input.length)
+                batches += [window[i:i + size] for i in range(0, len(window), size)]
+            self._epochs = {epoch: [batches[k] for k in rng.permutation(len(batches))]}
+        return self._epochs[epoch]
+
     def batch(self, step: int) -> list[types.Datum]:
-        """The examples of 1-based `step`: a fresh seeded shuffle each epoch."""
+        """The examples of 1-based `step`, a function of the data, the seed and the step."""
         epoch, i = divmod(step - 1, self.steps_per_epoch)
-        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.examples))
-        return [self.examples[j] for j in order[i * self.cfg.batch:(i + 1) * self.cfg.batch]]
+        return [self.examples[j] for j in self._epoch(epoch)[i]]
 
     def learning_rate(self, step: int) -> float:
         return self.cfg.learning_rate * (1 - (step - 1) / self.total_steps)  # linear decay to ~0
 
-    def _apply(self, step: int, batch: list[types.Datum]) -> types.ForwardBackwardOutput:
+    def saves_at(self, step: int) -> bool:
+        return bool(self.cfg.save_every) and step % self.cfg.save_every == 0
+
+    def _submit(self, step: int, batch: list[types.Datum]) -> tuple:
         cfg = self.cfg
         adam = types.AdamParams(learning_rate=self.learning_rate(step), beta1=cfg.beta1,
                                 beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
         # Both are submitted before either is awaited: on Tinker they then share a clock cycle.
-        fb = self.engine.forward_backward(batch, "cross_entropy")
-        opt = self.engine.optim_step(adam)
+        return self.engine.forward_backward(batch, "cross_entropy"), self.engine.optim_step(adam)
+
+    def _apply(self, step: int, batch: list[types.Datum]) -> types.ForwardBackwardOutput:
+        fb, opt = self.queued.pop(step, None) or self._submit(step, batch)
+        # On a remote engine the next step is queued before this one is awaited, so the
+        # service has it for its next clock cycle instead of idling while the results travel
+        # back (awaiting each call in turn costs three cycles a step, ARCHITECTURE.md). Not past
+        # a checkpoint or the end: a save or a held-out measure must see this step's weights.
+        if self.engine.remote and step < self.total_steps and not self.saves_at(step):
+            self.queued[step + 1] = self._submit(step + 1, self.batch(step + 1))
         out = fb.result()
         opt.result()
         return out
@@ -289,6 +318,7 @@ class TrainingRun:
         applied exactly once, whatever failed and wherever."""
         try:
             if self.dirty:
+                self.queued.clear()  # submitted to an engine in an unknown state
                 self._recover(done)
             self.dirty = True
             result = action()
@@ -394,6 +424,6 @@ def train(run: TrainingRun, step=TrainingRun.step, save=TrainingRun.save_checkpo
     validate(run, 0)  # the base model's held-out loss, once
     for n in range(run.first_step, run.total_steps + 1):
         step(run, n)
-        if run.cfg.save_every and n % run.cfg.save_every == 0:
+        if run.saves_at(n):
             save(run, n)
     return finish(run)

@@ -133,14 +133,14 @@ def test_http_500s_are_retried_and_the_retries_are_logged(prefect_harness, serve
 
 
 def test_failed_requests_are_retried_by_the_task(prefect_harness, server, tmp_path, small_data):
-    # A request the service reports failed (category server) is not retried by the SDK.
-    server.fault("retrieve_future:optim_step", "fail", times=2)
+    # A request the service reports failed (category server) is not retried by the SDK. (Which
+    # step's optim_step gets it depends on which poll comes first: the next step is queued early.)
+    server.fault("retrieve_future:optim_step", "fail", times=1)
     state, _ = run_pipeline(tmp_path, small_data)
     assert state.is_completed(), state.message
     messages, task_runs = _messages(state)
-    assert sum("Retry" in m and "RequestFailedError" in m for m in messages) == 2, messages
-    [step1] = [t for t in task_runs if t.name == "step-1"]
-    assert step1.run_count == 3
+    assert sum("Retry" in m and "RequestFailedError" in m for m in messages) == 1, messages
+    assert sorted(t.run_count for t in task_runs if t.name.startswith("step-")) == [1, 1, 2]
     log = json.loads((tmp_path / "runs" / "t" / "training_log.json").read_text())
     assert [r["step"] for r in log] == [1, 2, 3]
 

@@ -23,7 +23,9 @@ Test API::
         server.running                           # False once stopped
 
 ``TinkerTestServer(models=None, *, reject_key=None, sample_tokens=..., initial_nll=3.0,
-decay=0.9, try_again_delay=0.1)``; also ``start()`` / ``stop()`` instead of ``with``.
+decay=0.9, try_again_delay=0.1, tick=None)``; also ``start()`` / ``stop()`` instead of ``with``.
+With ``tick`` (seconds), training ops answer in simulated clock cycles (see ``_ready_at``), for
+benchmarks of how a training loop keeps the service busy.
 
 Operation names (what ``requests`` records and what ``fault`` targets): ``client_config``,
 ``client_dynamic_config``, ``create_session``, ``session_heartbeat``, ``finish_session``,
@@ -79,6 +81,7 @@ An unsupported base model is refused at submission with HTTP 400 (``tinker.BadRe
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -213,6 +216,7 @@ class _Future:
     op: str
     payload: Any  # dict (JSON) or bytes (protobuf)
     proto: bool = False
+    ready_at: float = 0.0  # time.monotonic() when a poll gets the answer (with ``tick``)
 
 
 class _HTTPError(Exception):
@@ -289,6 +293,7 @@ class TinkerTestServer:
         initial_nll: float = 3.0,
         decay: float = 0.9,
         try_again_delay: float = 0.1,
+        tick: float | None = None,
     ):
         self.models: list[str] = list(models if models is not None else DEFAULT_MODELS)
         self.reject_key = reject_key
@@ -297,6 +302,9 @@ class TinkerTestServer:
         self.initial_nll = initial_nll
         self.decay = decay
         self.try_again_delay = try_again_delay
+        self.tick = tick
+        self._t0 = time.monotonic()
+        self._cycles: dict[tuple[str, str], int] = {}  # (run_id, phase) -> its latest cycle
 
         self.runs: dict[str, Run] = {}
         self.samplers: dict[str, Sampler] = {}
@@ -554,12 +562,39 @@ class TinkerTestServer:
     def _logprob(self, steps: int) -> float:
         return -self.initial_nll * self.decay**steps
 
-    def _new_future(self, op: str, payload: Any, *, proto: bool = False, fault: Fault | None = None):
+    def _ready_at(self, op: str, run_id: str | None) -> float:
+        """With ``tick``, when a training op's answer is ready, in the service's lock-step clock
+        cycles (one each ``tick`` seconds from the server's start). A cycle runs a
+        forward-backward phase, then an optimizer phase, each half a tick; an op runs in the first
+        phase of its kind that starts after it arrives, a run gets one forward_backward and one
+        optim_step per cycle, and an optim_step not before the cycle of its run's
+        forward_backward. The answer is ready when its phase ends. So awaiting each call in turn
+        costs three cycles a step, submitting both before awaiting two, and keeping the next step
+        queued one. Other ops answer at once."""
+        if not self.tick or op not in ("forward_backward", "forward", "optim_step"):
+            return 0.0
+        now = (time.monotonic() - self._t0) / self.tick  # in cycles
+        with self._lock:
+            if op == "optim_step":
+                cycle = max(math.floor(now - 0.5) + 1, self._cycles.get((run_id, "forward_backward"), 0),
+                            self._cycles.get((run_id, "optim_step"), -1) + 1)
+                ends = cycle + 1.0
+            else:
+                cycle = math.floor(now) + 1
+                if op == "forward_backward":
+                    cycle = max(cycle, self._cycles.get((run_id, op), -1) + 1)
+                ends = cycle + 0.5
+            if op != "forward":
+                self._cycles[(run_id, op)] = cycle
+        return self._t0 + ends * self.tick
+
+    def _new_future(self, op: str, payload: Any, *, proto: bool = False, fault: Fault | None = None,
+                    run_id: str | None = None):
         request_id = f"req-{uuid.uuid4().hex[:16]}"
         if fault is not None and fault.kind == "fail":
             payload, proto = {"error": f"injected failure for {op}", "category": "server"}, False
         with self._lock:
-            self._futures[request_id] = _Future(request_id, op, payload, proto)
+            self._futures[request_id] = _Future(request_id, op, payload, proto, self._ready_at(op, run_id))
         return request_id
 
     def _run(self, run_id: str | None) -> Run:
@@ -708,7 +743,7 @@ class TinkerTestServer:
         bt.data = b"".join(a.tobytes() for a in arrays)
         bt.offsets = np.cumsum([0] + [a.nbytes for a in arrays], dtype=np.int64).tobytes()
         out.metrics["loss:sum"] = loss_sum
-        rid = self._new_future(op, out.SerializeToString(), proto=True, fault=fault)
+        rid = self._new_future(op, out.SerializeToString(), proto=True, fault=fault, run_id=run.run_id)
         return 200, {"request_id": rid, "model_id": run.run_id}
 
     def _optim_step(self, body, query, path, key, h, fault):
@@ -721,7 +756,8 @@ class TinkerTestServer:
         run.last_optim_params = params
         lr = float(params.get("learning_rate", 0.0))
         rid = self._new_future(
-            "optim_step", {"metrics": {"step:max": float(steps), "learning_rate:mean": lr}}, fault=fault
+            "optim_step", {"metrics": {"step:max": float(steps), "learning_rate:mean": lr}}, fault=fault,
+            run_id=run.run_id,
         )
         return 200, {"request_id": rid, "model_id": run.run_id}
 
@@ -872,6 +908,7 @@ class TinkerTestServer:
             return 200, {"type": "try_again", "request_id": request_id, "queue_state": "active"}
         if fault is not None and fault.kind == "fail":
             return 200, {"error": f"injected failure for {fut.op}", "category": "server"}
+        self._stop.wait(max(fut.ready_at - time.monotonic(), 0.0))  # a long poll, as the service's
         return 200, fut.payload
 
     def _retrieval_fault(self, request_id: str | None) -> Fault | None:

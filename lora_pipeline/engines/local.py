@@ -44,6 +44,8 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 
 
 class LocalEngine:
+    remote = False  # calls compute when made: queueing the next step ahead would gain nothing
+
     def __init__(self, base_model: str, rank: int, seed: int, root: Path | None = None,
                  adapter: Path | None = None):
         """A LoRA of `rank` on `base_model`, freshly initialised from `seed`, or loaded from a

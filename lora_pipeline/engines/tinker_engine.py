@@ -123,6 +123,8 @@ def run_with_deadline(op: str, timeout: float, fn):
 
 
 class TinkerEngine:
+    remote = True  # calls queue on the service, which runs them in lock-step clock cycles
+
     def __init__(self, base_model: str, rank: int, seed: int, root: Path | None,
                  request_timeout: float = 120.0, sampler_path: str | None = None):
         """A new LoRA training run on `base_model`; or, given the `sampler_path` of saved
