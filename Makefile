@@ -36,7 +36,8 @@ serve: install
 
 # Benchmarks write their figures to bench/results/<name>.json.
 bench: install
-	$(BIN)/python bench/prepare.py
+	for b in orchestration tinker_pipelining throughput prepare evaluate rerun; do \
+		$(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

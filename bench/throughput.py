@@ -1,0 +1,138 @@
+"""Training throughput of the local engine: trained tokens per second through the pipeline's
+training loop (TrainingRun.step) against a plain PyTorch + PEFT loop on the same model, LoRA,
+batches and lengths; the share of computed tokens that are padding, with the pipeline's
+length-grouped batches and with plain shuffled ones; and each loop's peak resident memory
+(measured in a child process of its own).
+
+    python bench/throughput.py [--steps 10] [--repeats 2]
+"""
+
+import argparse
+import json
+import pickle
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from common import write  # noqa: E402
+
+from lora_pipeline.models import SMOLLM2, load_model  # noqa: E402
+from lora_pipeline.train import TrainConfig, TrainingRun  # noqa: E402
+
+SAMPLE = ROOT / "data" / "sample" / "persona_train.jsonl"
+
+
+def padding(batches: list[list[int]]) -> float:
+    real = sum(sum(b) for b in batches)
+    computed = sum(max(b) * len(b) for b in batches)
+    return 1 - real / computed
+
+
+class PlainLoop:
+    """What one writes by hand: an HF model, PEFT LoRA, AdamW, right-padded batches."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                            task_type="CAUSAL_LM")
+        self.model = get_peft_model(load_model(SMOLLM2), config)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(self, batch) -> None:
+        width = max(d.model_input.length for d in batch)
+        inputs = torch.zeros((len(batch), width), dtype=torch.long)
+        targets = torch.zeros((len(batch), width), dtype=torch.long)
+        weights = torch.zeros((len(batch), width))
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, d in enumerate(batch):
+            n = d.model_input.length
+            inputs[i, :n] = torch.tensor(d.model_input.to_ints())
+            targets[i, :n] = d.loss_fn_inputs["target_tokens"].to_torch().long()
+            weights[i, :n] = d.loss_fn_inputs["weights"].to_torch().float()
+            mask[i, :n] = 1
+        logits = self.model(input_ids=inputs, attention_mask=mask).logits
+        loss = (F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * weights).sum()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def peak_rss_mib(which: str, steps: int, batches: Path) -> float:
+    out = subprocess.run([sys.executable, __file__, "--rss-of", which, "--steps", str(steps),
+                          "--batches", str(batches)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def measure_rss(which: str, steps: int, batches: Path) -> None:
+    """In a child process: train `steps` steps one way, print the peak resident memory."""
+    if which == "plain":
+        loop, batches = PlainLoop(), pickle.loads(batches.read_bytes())  # no engine loaded beside it
+        for batch in batches[:steps]:
+            loop.step(batch)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = TrainingRun(TrainConfig(data=str(SAMPLE), batch=8, max_steps=steps, save_every=0,
+                                          backend="local", output_dir=tmp, run_name="rss"))
+            for n in range(1, steps + 1):
+                run.step(n)
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rss-of", choices=["pipeline", "plain"], help=argparse.SUPPRESS)
+    ap.add_argument("--batches", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.rss_of:
+        return measure_rss(a.rss_of, a.steps, a.batches)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = TrainingRun(TrainConfig(data=str(SAMPLE), batch=8, max_steps=a.steps, save_every=0,
+                                      backend="local", output_dir=tmp, run_name="bench"))
+        batches = [run.batch(n) for n in range(1, a.steps + 1)]
+        tokens = sum(int(sum(d.loss_fn_inputs["weights"].to_torch().sum() for d in b)) for b in batches)
+        (Path(tmp) / "batches.pkl").write_bytes(pickle.dumps(batches))
+        rss = {"pipeline": round(peak_rss_mib("pipeline", 3, Path(tmp) / "batches.pkl")),
+               "plain_peft_loop": round(peak_rss_mib("plain", 3, Path(tmp) / "batches.pkl"))}
+        plain = PlainLoop()
+        best = {"pipeline": float("inf"), "plain_peft_loop": float("inf")}
+        for _ in range(a.repeats):  # alternating, so that the machine's state affects both alike
+            start = time.perf_counter()
+            for n in range(1, a.steps + 1):
+                run.step(n)
+            best["pipeline"] = min(best["pipeline"], time.perf_counter() - start)
+            start = time.perf_counter()
+            for batch in batches:
+                plain.step(batch)
+            best["plain_peft_loop"] = min(best["plain_peft_loop"], time.perf_counter() - start)
+        lengths = [d.model_input.length for d in run.examples]
+        grouped = [[d.model_input.length for d in run.batch(n)] for n in range(1, run.steps_per_epoch + 1)]
+        order = np.random.default_rng(0).permutation(len(lengths))
+        shuffled = [[lengths[j] for j in order[i:i + 8]] for i in range(0, run.steps_per_epoch * 8, 8)]
+        run.close()
+    per_second = {k: tokens / v for k, v in best.items()}
+    write("throughput", {
+        "steps": a.steps, "batch": 8, "trained_tokens": tokens,
+        "trained_tokens_per_second": {k: round(v, 1) for k, v in per_second.items()},
+        "pipeline_over_plain_ratio": round(per_second["pipeline"] / per_second["plain_peft_loop"], 3),
+        "padding_fraction": {"pipeline_length_grouped": round(padding(grouped), 3),
+                             "shuffled_batches": round(padding(shuffled), 3)},
+        "peak_rss_mib": rss,
+        "targets": {"pipeline_over_plain_ratio": 0.95, "padding_fraction": 0.10},
+    })
+
+
+if __name__ == "__main__":
+    main()
