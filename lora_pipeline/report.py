@@ -101,6 +101,9 @@ def overfitting(val_log: list[dict], verbatim: dict, answers: int) -> list[str]:
         else:
             lines.append(f"Held-out loss did not rise again (last {last['val_loss']:.3f} at step {last['step']}): "
                          "no sign of overfitting there.")
+    else:
+        lines.append("No held-out loss was measured: keep --val-fraction above 0 (run) or pass --val-data "
+                     "(train) to see whether the LoRA generalises.")
     gaps = [r for r in measured if "train_loss" in r]
     if len(gaps) >= 2:
         before, after = (r["val_loss"] - r["train_loss"] for r in (gaps[0], gaps[-1]))

@@ -38,6 +38,7 @@ def test_checkpoint_rows_put_training_and_held_out_loss_side_by_side():
     assert "from +0.500 at step 2 to +2.600 at step 4: widening" in signals[1]
     assert signals[2] == "Answers repeating 50 characters of a training example verbatim: LoRA 3/10 (30%), base 0/10 (0%)."
     assert "no sign of overfitting" in overfitting(val_log[:2], {}, 0)[0]
+    assert "No held-out loss was measured" in overfitting([], {}, 0)[0]
 
 
 def _cells(table_html: str) -> list[list[str]]:
