@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import sys
+import time
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -27,3 +28,15 @@ def write(name: str, figures: dict) -> Path:
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
     return path
+
+
+def best_of(runs: dict, repeats: int) -> dict:
+    """Each run's best wall time in seconds over `repeats` rounds; the runs alternate within a
+    round, so that the machine's state affects them all alike."""
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best

@@ -10,11 +10,10 @@ import json
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write  # noqa: E402
+from common import best_of, write  # noqa: E402
 
 from lora_pipeline.models import SMOLLM2, load_tokenizer  # noqa: E402
 from lora_pipeline.prepare import prepare  # noqa: E402
@@ -62,12 +61,7 @@ def main() -> None:
             "naive_per_row": lambda: naive(data, tokenizer),
             "batched_tokenizer_only": lambda: batched_tokenizer(data, tokenizer),
         }
-        best = {name: float("inf") for name in runs}
-        for _ in range(a.repeats):  # alternate, so that the machine's state affects all alike
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                best[name] = min(best[name], time.perf_counter() - start)
+        best = best_of(runs, a.repeats)
     figures = {"rows": a.rows, "seconds": {k: round(v, 2) for k, v in best.items()},
                "rows_per_second": {k: round(a.rows / v) for k, v in best.items()},
                "pipeline_over_naive_speedup": round(best["naive_per_row"] / best["pipeline"], 2),

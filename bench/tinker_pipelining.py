@@ -11,12 +11,11 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
-from common import write  # noqa: E402
+from common import best_of, write  # noqa: E402
 from tinker_server import TinkerTestServer  # noqa: E402
 
 import tinker  # noqa: E402
@@ -60,12 +59,7 @@ def main() -> None:
                 opt.result()
 
         loops = {"pipeline": pipeline, "naive_await_each": naive, "submit_both_then_await": submit_both}
-        best = {name: float("inf") for name in loops}
-        for _ in range(a.repeats):  # alternating, so that the machine's state affects all alike
-            for name, loop in loops.items():
-                start = time.perf_counter()
-                loop()
-                best[name] = min(best[name], time.perf_counter() - start)
+        best = best_of(loops, a.repeats)
         run.close()
     per_second = {k: a.steps / v for k, v in best.items()}
     ideal = 1 / a.tick
