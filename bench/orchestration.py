@@ -36,6 +36,33 @@ def children_cpu_s() -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def empty_steps_cost(n: int = 40) -> dict:
+    """Prefect's own cost of one step, without training: a flow of `n` task runs that each log a
+    line and update a progress artifact, as train-step does. Wall time per task run in this
+    process, and the Prefect server's CPU time per task run."""
+    from prefect import flow, get_run_logger, task
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.cache_policies import NO_CACHE
+
+    @task(name="empty-step", cache_policy=NO_CACHE)
+    def empty_step(k: int) -> int:
+        get_run_logger().info("step %d", k)
+        return k
+
+    @flow(name="empty-steps")
+    def empty_steps() -> None:
+        progress = create_progress_artifact(0.0, key="bench-empty-steps")
+        for k in range(1, n + 1):
+            empty_step(k)
+            update_progress_artifact(progress, 100 * k / n)
+
+    empty_steps()  # warm
+    cpu, start = children_cpu_s(), time.perf_counter()
+    empty_steps()
+    return {"wall_ms": round((time.perf_counter() - start) / n * 1000, 1),
+            "server_cpu_ms": round((children_cpu_s() - cpu) / n * 1000, 1)}
+
+
 async def steps_span(flow_run_id) -> float:
     """Seconds from the start of the flow run's first step task run to the end of its last."""
     from prefect.client.orchestration import get_client
@@ -95,6 +122,7 @@ def main() -> None:
 
         with prefect_test_harness(server_startup_timeout=60):
             train_flow(dict(cfg, max_steps=1, run_name="warmup"))  # server, imports, model cache
+            empty = empty_steps_cost()
             times = {"flow": [], "bare": []}
             server_cpu = {"flow": [], "bare": []}
             for _ in range(a.repeats):  # alternating, so that the machine's state affects both alike
@@ -119,6 +147,7 @@ def main() -> None:
         # longer inside the flow: the Prefect server, whose CPU time is below, shares this
         # machine's 2 cores with the training threads. The rest is the flow's bookkeeping (task
         # runs, logs, the run folder's files, the resumable final state).
+        "prefect_cost_per_empty_step": empty,
         "seconds_in_step_calls": {k: [round(t, 2) for t in v] for k, v in in_steps.items()},
         "prefect_server_cpu_seconds": {k: [round(t, 2) for t in v] for k, v in server_cpu.items()},
         "steps_wall_seconds": {k: [round(t, 2) for t in v] for k, v in steps_wall.items()},
