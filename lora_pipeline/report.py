@@ -96,7 +96,7 @@ def overfitting(val_log: list[dict], verbatim: dict, answers: int) -> list[str]:
         last = measured[-1]
         if last["val_loss"] > best["val_loss"] * 1.01:
             lines.append(f"Held-out loss was lowest at step {best['step']} ({best['val_loss']:.3f}) and rose to "
-                         f"{last['val_loss']:.3f} by step {last['step']}: the LoRA is overfitting; "
+                         f"{last['val_loss']:.3f} by step {last['step']}: a sign of overfitting; "
                          "best_lora_weights.json names the better adapter.")
         else:
             lines.append(f"Held-out loss did not rise again (last {last['val_loss']:.3f} at step {last['step']}): "
