@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from common import write  # noqa: E402
 
+from lora_pipeline.train import read_registry  # noqa: E402
+
 SAMPLE = ROOT / "data" / "sample" / "persona_train.jsonl"
 CLI = str(Path(sys.executable).parent / "lora-pipeline")
 
@@ -64,8 +66,7 @@ def kill_and_resume(tmp: Path, steps: int, save_every: int, at: int, delay: floa
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = max(logged_steps(run_dir), default=0)
-    registry = (run_dir / "checkpoints.jsonl").read_text().splitlines() if (run_dir / "checkpoints.jsonl").exists() else []
-    saved = max([json.loads(line)["step"] for line in registry if line.strip()], default=0)
+    saved = max((e["step"] for e in read_registry(run_dir)), default=0)
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     assert logged_steps(run_dir) == list(range(1, steps + 1))
     # Finished steps after the newest checkpoint are lost and redone; a kill during the save at

@@ -38,6 +38,11 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_json(path: Path, default):
+    """The JSON in `path`, or `default` when there is no such file (yet)."""
+    return json.loads(Path(path).read_text()) if Path(path).exists() else default
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -9,7 +9,7 @@ import io
 import json
 from pathlib import Path
 
-from .data import read_chat_jsonl, write_atomic
+from .data import read_chat_jsonl, read_json, write_atomic
 from .train import TrainConfig, read_registry
 
 SPAN = 50  # characters an answer must share with a training example to count as repeated verbatim
@@ -118,16 +118,12 @@ def overfitting(val_log: list[dict], verbatim: dict, answers: int) -> list[str]:
     return lines
 
 
-def _read_json(path: Path, default):
-    return json.loads(path.read_text()) if path.exists() else default
-
-
 def metrics(summary: dict, results: dict) -> dict:
     """Everything the report shows, computed once from the run folder and the answers."""
     run_dir = Path(summary["run_dir"])
-    train_log = _read_json(run_dir / "training_log.json", [])
-    val_log = _read_json(run_dir / "validation_log.json", [])
-    config = _read_json(run_dir / "config.json", {})
+    train_log = read_json(run_dir / "training_log.json", [])
+    val_log = read_json(run_dir / "validation_log.json", [])
+    config = read_json(run_dir / "config.json", {})
     data = Path(config.get("data", ""))
     verbatim = verbatim_counts(results["results"], data) if data.is_file() else {}
     step_time = sum(r["time_s"] for r in train_log)
@@ -281,7 +277,7 @@ def _html(summary: dict, results: dict, m: dict, png: bytes) -> str:
 
 def write_report(summary: dict, results: dict) -> dict:
     """report.md, report.html (self-contained: the plot is embedded) and loss.png in the run
-    folder. Returns their paths, the markdown and the metrics behind them."""
+    folder. Returns report.html's path, the markdown and the metrics behind them."""
     run_dir = Path(summary["run_dir"])
     m = metrics(summary, results)
     png = _png(loss_figure(m["train_log"], m["val_log"]))
@@ -289,8 +285,7 @@ def write_report(summary: dict, results: dict) -> dict:
     markdown = _markdown(summary, results, m)
     write_atomic(run_dir / "report.md", markdown)
     write_atomic(run_dir / "report.html", _html(summary, results, m, png))
-    return {"markdown_path": str(run_dir / "report.md"), "html_path": str(run_dir / "report.html"),
-            "png_path": str(run_dir / "loss.png"), "markdown": markdown, "metrics": m}
+    return {"html_path": str(run_dir / "report.html"), "markdown": markdown, "metrics": m}
 
 
 def resume_command(config: dict) -> str:

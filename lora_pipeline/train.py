@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tinker import types
 
-from .data import file_sha256, read_chat_jsonl, write_json
+from .data import file_sha256, read_chat_jsonl, read_json, write_json
 from .engines import EngineTimeout, check_base_model, choose_backend, default_base_model, make_engine
 from .errors import PipelineError
 from .render import OVERFLOW_CHOICES, render_conversations
@@ -216,13 +216,9 @@ class TrainingRun:
             self.engine.close("errored")
             self.engine = self._new_engine()  # nothing loaded: start from the seed
         self.saved = [e for e in registry if e["step"] <= done and e["name"] not in unusable]
-        old_log = json.loads((self.run_dir / "training_log.json").read_text()) \
-            if (self.run_dir / "training_log.json").exists() else []
-        self.log = [r for r in old_log if r["step"] <= done]
+        self.log = [r for r in read_json(self.run_dir / "training_log.json", []) if r["step"] <= done]
         write_json(self.run_dir / "training_log.json", self.log)
-        val_path = self.run_dir / "validation_log.json"
-        self.val_log = [r for r in (json.loads(val_path.read_text()) if val_path.exists() else [])
-                        if r["step"] <= done]
+        self.val_log = [r for r in read_json(self.run_dir / "validation_log.json", []) if r["step"] <= done]
         self.first_step = done + 1
         self.notes.append(f"continuing after step {done} of {self.total_steps}" if done
                           else "no usable checkpoint: starting from step 1")
