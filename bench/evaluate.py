@@ -18,10 +18,11 @@ from common import write  # noqa: E402
 
 from tinker import types  # noqa: E402
 
-from lora_pipeline.engines import open_sampler  # noqa: E402
+from lora_pipeline.engines import make_engine  # noqa: E402
 from lora_pipeline.evaluate import adapter_info  # noqa: E402
 from lora_pipeline.models import SMOLLM2  # noqa: E402
-from lora_pipeline.train import TrainConfig, TrainingRun, train  # noqa: E402
+from lora_pipeline.settings import TrainSettings  # noqa: E402
+from lora_pipeline.train import TrainingRun, train  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample" / "persona_train.jsonl"
 
@@ -34,11 +35,12 @@ def main() -> None:
     conversations = [json.loads(line)["messages"] for line in SAMPLE.read_text().splitlines()]
     prompts = [c[:-1] for c in conversations[-a.prompts:]]
     with tempfile.TemporaryDirectory() as tmp:
-        run = TrainingRun(TrainConfig(data=str(SAMPLE), batch=8, max_steps=2, save_every=0, backend="local",
-                                      output_dir=tmp, run_name="adapter", learning_rate=5e-4))
+        run = TrainingRun(TrainSettings(data=str(SAMPLE), batch=8, max_steps=2, save_every=0, backend="local",
+                                        output_dir=tmp, run_name="adapter", learning_rate=5e-4)).open()
         summary = train(run)
         run.close()
-        engine = open_sampler(adapter_info(summary["final_lora_weights"]), SMOLLM2, 0, 120)
+        info = adapter_info(summary.final_lora_weights)
+        engine = make_engine("local", SMOLLM2, rank=info["rank"], seed=0, request_timeout=120, weights=info)
         inputs = [engine.renderer.build_generation_prompt(p) for p in prompts]
         params = types.SamplingParams(max_tokens=a.max_tokens, temperature=0.0, seed=0)
 

@@ -85,45 +85,46 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
     from tinker import types
 
-    from flows.pipeline import train as train_flow
     from lora_pipeline.data import read_chat_jsonl
     from lora_pipeline.engines import make_engine
-    from lora_pipeline.models import SMOLLM2
-    from lora_pipeline.render import render_conversations
-    from lora_pipeline.train import TrainConfig, TrainingRun
+    from lora_pipeline.flows.pipeline import train as train_flow
+    from lora_pipeline.models import SMOLLM2, load_tokenizer
+    from lora_pipeline.render import render_conversations, renderer_for
+    from lora_pipeline.train import epoch_batches, learning_rate
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dict(data=str(SAMPLE), batch=8, max_steps=a.steps, save_every=0, backend="local",
                    output_dir=tmp, learning_rate=1e-4)
         # The same batches as the pipeline's, so both loops do the same arithmetic.
-        plan = TrainingRun(TrainConfig(**cfg, run_name="plan"))
-        order = [[plan.examples.index(d) for d in plan.batch(n)] for n in range(1, a.steps + 1)]
-        plan.close()
+        examples, _ = render_conversations(read_chat_jsonl(SAMPLE), renderer_for(SMOLLM2, load_tokenizer(SMOLLM2)),
+                                           1024, "truncate")
+        order = epoch_batches([d.model_input.length for d in examples], 8, 0, 0)[:a.steps]
         counter = iter(range(10**6))
         in_steps = {"flow": [], "bare": []}  # seconds spent in the steps' own calls
         steps_wall = {"flow": [], "bare": in_steps["bare"]}  # first step's start to last step's end
 
         def bare():
-            engine = make_engine("local", SMOLLM2, 16, 0, Path(tmp) / f"bare{next(counter)}", 120)
+            engine = make_engine("local", SMOLLM2, rank=16, seed=0, request_timeout=120,
+                                 root=Path(tmp) / f"bare{next(counter)}")
             examples, _ = render_conversations(read_chat_jsonl(SAMPLE), engine.renderer, 1024, "truncate")
             start = time.perf_counter()
             for n, indices in enumerate(order, start=1):
-                lr = 1e-4 * (1 - (n - 1) / a.steps)
                 fb = engine.forward_backward([examples[j] for j in indices], "cross_entropy")
-                opt = engine.optim_step(types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8))
+                opt = engine.optim_step(types.AdamParams(learning_rate=learning_rate(1e-4, n, a.steps),
+                                                         beta1=0.9, beta2=0.95, eps=1e-8))
                 fb.result()
                 opt.result()
             in_steps["bare"].append(time.perf_counter() - start)
             engine.save_weights_for_sampler("final_lora_weights").result()
 
         def flow():  # a new run name each time: a cached result would skip the work
-            state = train_flow(dict(cfg, run_name=f"flow{next(counter)}"), return_state=True)
-            log = json.loads((Path(state.result()["run_dir"]) / "training_log.json").read_text())
+            state = train_flow(**cfg, run_name=f"flow{next(counter)}", return_state=True)
+            log = json.loads((Path(state.result().run_dir) / "training_log.json").read_text())
             in_steps["flow"].append(sum(r["time_s"] for r in log))
             steps_wall["flow"].append(asyncio.run(steps_span(state.state_details.flow_run_id)))
 
         with prefect_test_harness(server_startup_timeout=60):
-            train_flow(dict(cfg, max_steps=1, run_name="warmup"))  # server, imports, model cache
+            train_flow(**dict(cfg, max_steps=1), run_name="warmup")  # server, imports, model cache
             empty = empty_steps_cost()
             times = {"flow": [], "bare": []}
             server_cpu = {"flow": [], "bare": []}

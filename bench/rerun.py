@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from common import write  # noqa: E402
 
-from lora_pipeline.train import read_registry  # noqa: E402
+from lora_pipeline.run_folder import RunFolder  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample" / "persona_train.jsonl"
 CLI = str(Path(sys.executable).parent / "lora-pipeline")
@@ -38,7 +38,7 @@ def rerun_ratio(tmp: Path, steps: int) -> dict:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline import lora_pipeline
+    from lora_pipeline.flows.pipeline import lora_pipeline
 
     params = dict(dataset=str(SAMPLE), batch=8, max_steps=steps, save_every=0, backend="local",
                   output_dir=str(tmp / "flow"), max_tokens=16, learning_rate=5e-4)
@@ -66,7 +66,7 @@ def kill_and_resume(tmp: Path, steps: int, save_every: int, at: int, delay: floa
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = max(logged_steps(run_dir), default=0)
-    saved = max((e["step"] for e in read_registry(run_dir)), default=0)
+    saved = max((e.step for e in RunFolder(run_dir).registry()), default=0)
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     assert logged_steps(run_dir) == list(range(1, steps + 1))
     # Finished steps after the newest checkpoint are lost and redone; a kill during the save at

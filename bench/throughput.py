@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import write  # noqa: E402
 
 from lora_pipeline.models import SMOLLM2, load_model  # noqa: E402
-from lora_pipeline.train import TrainConfig, TrainingRun  # noqa: E402
+from lora_pipeline.settings import TrainSettings  # noqa: E402
+from lora_pipeline.train import TrainingRun  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample" / "persona_train.jsonl"
 
@@ -82,8 +83,8 @@ def measure_rss(which: str, steps: int, batches: Path) -> None:
             loop.step(batch)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            run = TrainingRun(TrainConfig(data=str(SAMPLE), batch=8, max_steps=steps, save_every=0,
-                                          backend="local", output_dir=tmp, run_name="rss"))
+            run = TrainingRun(TrainSettings(data=str(SAMPLE), batch=8, max_steps=steps, save_every=0,
+                                          backend="local", output_dir=tmp, run_name="rss")).open()
             for n in range(1, steps + 1):
                 run.step(n)
     print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -99,8 +100,8 @@ def main() -> None:
     if a.rss_of:
         return measure_rss(a.rss_of, a.steps, a.batches)
     with tempfile.TemporaryDirectory() as tmp:
-        run = TrainingRun(TrainConfig(data=str(SAMPLE), batch=8, max_steps=a.steps, save_every=0,
-                                      backend="local", output_dir=tmp, run_name="bench"))
+        run = TrainingRun(TrainSettings(data=str(SAMPLE), batch=8, max_steps=a.steps, save_every=0,
+                                        backend="local", output_dir=tmp, run_name="bench")).open()
         batches = [run.batch(n) for n in range(1, a.steps + 1)]
         tokens = sum(int(sum(d.loss_fn_inputs["weights"].to_torch().sum() for d in b)) for b in batches)
         (Path(tmp) / "batches.pkl").write_bytes(pickle.dumps(batches))

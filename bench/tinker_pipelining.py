@@ -22,7 +22,8 @@ import tinker  # noqa: E402
 from tinker import types  # noqa: E402
 
 from lora_pipeline.models import SMOLLM2  # noqa: E402
-from lora_pipeline.train import TrainConfig, TrainingRun  # noqa: E402
+from lora_pipeline.settings import TrainSettings  # noqa: E402
+from lora_pipeline.train import TrainingRun  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample" / "persona_train.jsonl"
 
@@ -35,8 +36,8 @@ def main() -> None:
     a = ap.parse_args()
     with TinkerTestServer(models=[SMOLLM2], tick=a.tick) as server, tempfile.TemporaryDirectory() as tmp:
         os.environ.update(TINKER_API_KEY=server.api_key, TINKER_BASE_URL=server.base_url)
-        run = TrainingRun(TrainConfig(data=str(SAMPLE), backend="tinker", base_model=SMOLLM2, batch=8,
-                                      max_steps=a.steps, save_every=0, output_dir=tmp, run_name="bench"))
+        run = TrainingRun(TrainSettings(data=str(SAMPLE), backend="tinker", base_model=SMOLLM2, batch=8,
+                                      max_steps=a.steps, save_every=0, output_dir=tmp, run_name="bench")).open()
         batches = [run.batch(n) for n in range(1, a.steps + 1)]
         adam = types.AdamParams(learning_rate=1e-4)
         client = tinker.ServiceClient(base_url=server.base_url).create_lora_training_client(

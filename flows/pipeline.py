@@ -1,28 +1,96 @@
+"""The Prefect flows: `lora-pipeline` (prepare -> train -> evaluate -> report), and one flow per
+CLI subcommand. Their parameters are the settings of lora_pipeline.settings, flat, each with
+its type, default and help text: the Prefect UI's run form shows them, and `prefect deployment
+run -p name=value` sets them."""
+
+import functools
+import json
 import re
+import shlex
+import traceback
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+import prefect.runtime.deployment
+from prefect import flow, get_client, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from lora_pipeline.engines import check_base_model, choose_backend, default_base_model
+from lora_pipeline import settings as S
+from lora_pipeline.errors import PipelineError
+from lora_pipeline.engines import resolve_engine
+from lora_pipeline.prepare import prepared_path
 from lora_pipeline.report import verdict
+from lora_pipeline.run_folder import RunSummary
+from lora_pipeline.tasks import stored_in, unless_gone
+from lora_pipeline.tasks.evaluate import evaluate_adapter
+from lora_pipeline.tasks.prepare import prepare_data, show_data_report
+from lora_pipeline.tasks.report import write_run_report
+from lora_pipeline.tasks.train import train_adapter
 
-from tasks import unless_gone
-from tasks.evaluate import evaluate_adapter
-from tasks.prepare import prepare_data
-from tasks.report import write_run_report
-from tasks.train import train_adapter
+
+def for_deployment(text: str, fields) -> str:
+    """`text` with the command line's flags of `fields` as a deployment run's parameters:
+    `--backend local` becomes `-p backend=local`."""
+    flags = {S.flag_name(f): f for f in fields}
+
+    def reword(m: re.Match) -> str:
+        f, value = flags.get(m.group(1)), m.group(2)
+        if f is None:
+            return m.group(0)
+        if f.type is bool:
+            return f"-p {f.name}=true" + (f" {value}" if value else "")
+        # A value is a choice of the setting's, or a number: "--run-name or ..." names the flag.
+        if value and (value in (f.metadata["choices"] or ()) or re.fullmatch(r"[-+.0-9e]+", value)):
+            return f"-p {f.name}={value}"
+        return f.name + (f" {value}" if value else "")
+    return re.sub(r"(--[a-z][a-z0-9-]*)(?: (?!\()([^\s,;)`]+))?", reword, text)
+
+
+def parameters(fields, overrides: dict | None = None):
+    """Gives a `**params` flow function the keyword signature and Args docstring of `fields`
+    (Prefect reads a flow's parameters, their types, defaults and descriptions from them), and
+    words its errors for where it runs: flags on the command line, `-p name=value` for a
+    deployment run."""
+    def apply(fn):
+        @functools.wraps(fn)
+        def run(**params):
+            try:
+                return fn(**params)
+            except PipelineError as e:
+                if prefect.runtime.deployment.id:
+                    raise PipelineError(for_deployment(str(e), fields)) from None
+                raise
+        run.__signature__ = S.signature(fields, overrides)
+        run.__doc__ = S.docstring(fn.__doc__, fields)
+        return run
+    return apply
+
+
+def _rerun_command(flow, flow_run) -> str | None:
+    """For a deployment's run: the `prefect deployment run` command that repeats it, with the
+    parameters it was given beyond the deployment's."""
+    if not flow_run.deployment_id:
+        return None
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(flow_run.deployment_id)
+    given = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in flow_run.parameters.items()
+             if deployment.parameters.get(k) != v]
+    return shlex.join(["prefect", "deployment", "run", f"{flow.name}/{deployment.name}",
+                       *[arg for p in given for arg in ("-p", p)]])
 
 
 def write_failure_note(flow, flow_run, state) -> None:
-    """On failure: what failed, the last good checkpoint and the command to continue, in the
-    run folder and as an artifact on the flow run."""
+    """On failure: what failed, the last good checkpoint and how to continue (the command, or
+    for a deployment's run, the deployment run), in the run folder and as an artifact on the
+    flow run; the traceback goes in the note too."""
     from lora_pipeline.report import write_failure_summary
 
-    params = flow_run.parameters.get("config", flow_run.parameters)
+    params = flow_run.parameters
     since = flow_run.start_time.timestamp() - 1 if flow_run.start_time else 0
+    error = state.result(raise_on_failure=False)
+    details = "".join(traceback.format_exception(error)) if isinstance(error, BaseException) else ""
     path, markdown = write_failure_summary(params.get("output_dir", "checkpoints"), params.get("run_name"),
-                                           state.message or "unknown error", since)
+                                           state.message or "unknown error", since,
+                                           _rerun_command(flow, flow_run), details)
     create_markdown_artifact(markdown, key="lora-pipeline-failure", description=f"written to {path}")
     get_run_logger().error("What failed and how to continue: %s", path)
 
@@ -31,79 +99,62 @@ def _prepared(report: dict) -> list[str]:
     return [report["output"]] + ([report["validation"]] if report["validation"] else [])
 
 
-def _trained(summary: dict) -> list[str]:
-    return [summary["final_lora_weights"]]
-
-
 def _answered(results_file: str) -> list[str]:
     return [results_file]
 
 
 @flow(name="lora-pipeline-prepare")
-def prepare(dataset: str, output: str, split: str = "train", max_examples: int | None = None,
-            options: dict | None = None) -> dict:
-    return unless_gone(prepare_data, _prepared, dataset, split, output, max_examples, options)
+@parameters(S.fields_of(S.PrepareSettings))
+def prepare(**params) -> dict:
+    """Validated chat JSONL from a dataset of any common shape."""
+    report = unless_gone(prepare_data, _prepared, S.build(S.PrepareSettings, params))
+    show_data_report(report)
+    return report
 
 
 @flow(name="lora-pipeline-train", on_failure=[write_failure_note])
-def train(config: dict) -> dict:
-    """`config` holds lora_pipeline.train.TrainConfig's fields, named like the CLI flags."""
-    return unless_gone(train_adapter, _trained, config)
+@parameters(S.fields_of(S.TrainSettings))
+def train(**params) -> RunSummary:
+    """Train a LoRA adapter on a prepared chat JSONL file."""
+    return train_adapter(S.build(S.TrainSettings, params))
 
 
 @flow(name="lora-pipeline-test")
-def test(lora_weights: str, output: str, test_prompts: str | None = None,
-         base_model: str | None = None, compare_base: bool = False, max_tokens: int = 150,
-         temperature: float = 0.7, seed: int = 0, request_timeout: float = 120.0) -> str:
-    return unless_gone(evaluate_adapter, _answered, lora_weights, output, test_prompts, base_model,
-                       compare_base, max_tokens, temperature, seed, request_timeout)
+@parameters(S.fields_of(S.EvaluateSettings))
+def test(**params) -> str:
+    """Answer test prompts with a LoRA adapter (and its base model)."""
+    return unless_gone(evaluate_adapter, _answered, S.build(S.EvaluateSettings, params))
+
+
+def check_and_prepare(params: dict) -> dict:
+    """The pipeline's first stage: every setting checked, the engine's readiness (a missing
+    Tinker key or an unknown model fails here, not after the data is prepared), then the data
+    prepared into the output folder; returns prepare's report."""
+    S.check_pipeline(params)
+    resolve_engine(params["backend"], params["base_model"])
+    report = unless_gone(stored_in(prepare_data, params["output_dir"]), _prepared, S.build(
+        S.PrepareSettings, params,
+        output=prepared_path(params["output_dir"], params["dataset"], params["split"], params["max_examples"])))
+    show_data_report(report)
+    return report
+
+
+def train_settings(params: dict, report: dict) -> S.TrainSettings:
+    """The training stage's settings: the prepared file, and its held-out split, on which the
+    held-out loss is measured during training."""
+    return S.build(S.TrainSettings, params, data=report["output"], val_data=report["validation"])
 
 
 @flow(name="lora-pipeline", on_failure=[write_failure_note])
-def lora_pipeline(
-    dataset: str = "HuggingFaceH4/ultrachat_200k",
-    split: str = "train_sft",
-    max_examples: int | None = 10000,
-    batch: int = 8,
-    max_steps: int = 0,
-    rank: int = 16,
-    learning_rate: float = 1e-4,
-    save_every: int = 25,
-    output_dir: str = "checkpoints",
-    backend: str = "auto",
-    base_model: str | None = None,
-    seed: int = 0,
-    run_name: str | None = None,
-    max_length: int = 1024,
-    on_overflow: str = "truncate",
-    val_fraction: float = 0.05,
-    request_timeout: float = 120.0,
-    start_over: bool = False,
-    test_prompts: str | None = None,
-    max_tokens: int = 150,
-    temperature: float = 0.7,
-    compare_base: bool = True,
-) -> dict:
+@parameters(S.flat_fields(), S.PIPELINE_DEFAULTS)
+def lora_pipeline(**params) -> dict:
     """Prepare the data, train a LoRA, answer the test prompts with it and its base, report."""
-    # A missing Tinker key or an unknown model fails here, not after the data is prepared.
-    engine = choose_backend(backend)
-    check_base_model(engine, base_model or default_base_model(engine))
-    # The split only means something for hub datasets; local files are read whole.
-    source = Path(dataset).stem if Path(dataset).exists() else f"{dataset}_{split}"
-    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", source)
-    data_file = str(Path(output_dir) / "data" / f"{slug}_{max_examples or 'all'}.jsonl")
-    report = unless_gone(prepare_data, _prepared, dataset, split, data_file, max_examples,
-                         {"val_fraction": val_fraction, "max_length": max_length, "on_overflow": on_overflow,
-                          "base_model": base_model, "seed": seed})
-    val_data = report["validation"]  # held-out loss is measured on it during training
-    summary = unless_gone(train_adapter, _trained, dict(
-        data=data_file, batch=batch, max_steps=max_steps, rank=rank, learning_rate=learning_rate,
-        save_every=save_every, output_dir=output_dir, backend=backend, base_model=base_model,
-        seed=seed, run_name=run_name, max_length=max_length, on_overflow=on_overflow,
-        request_timeout=request_timeout, start_over=start_over, val_data=val_data))
-    results = unless_gone(evaluate_adapter, _answered, summary["final_lora_weights"],
-                          str(Path(summary["run_dir"]) / "results.json"), test_prompts or val_data,
-                          None, compare_base, max_tokens, temperature, seed, request_timeout)
-    report = write_run_report(summary, results)
-    get_run_logger().info("%s Report: %s", verdict(summary), report)
-    return {**summary, "results": results, "report": report}
+    report = check_and_prepare(params)
+    held_out = report["validation"]
+    summary = train_adapter(train_settings(params, report))
+    results = unless_gone(stored_in(evaluate_adapter, params["output_dir"]), _answered, S.build(
+        S.EvaluateSettings, params, lora_weights=summary.final_lora_weights,
+        output=str(Path(summary.run_dir) / "results.json"), test_prompts=params["test_prompts"] or held_out))
+    report_path = write_run_report(summary, results)
+    get_run_logger().info("%s Report: %s", verdict(summary), report_path)
+    return {"summary": summary, "results": results, "report": report_path}

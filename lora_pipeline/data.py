@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -35,12 +36,37 @@ def write_atomic(path: Path, content: str | bytes) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """Valid JSON only: a NaN or infinity is an error here, not a file other tools reject."""
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def read_json(path: Path, default):
     """The JSON in `path`, or `default` when there is no such file (yet)."""
     return json.loads(Path(path).read_text()) if Path(path).exists() else default
+
+
+def slug(text: str) -> str:
+    """`text` as a file name: runs of anything but letters, digits, dots and dashes become _."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", text.strip("/"))
+
+
+def held_out_path(data: str | Path) -> Path:
+    """Where `prepare` puts the held-out split of the training file `data`."""
+    return Path(data).with_name(Path(data).stem + ".val.jsonl")
+
+
+def held_out_beside(data: str | Path) -> str | None:
+    """The held-out split beside `data`, if there is one."""
+    path = held_out_path(data)
+    return str(path) if path.exists() else None
+
+
+def folder_sha256(path: Path) -> str:
+    """The hash of a folder's files, names and contents (hidden files left out)."""
+    digest = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{f.relative_to(path)}:{file_sha256(f)}\n".encode())
+    return digest.hexdigest()
 
 
 def file_sha256(path: Path) -> str:

@@ -1,13 +1,15 @@
 """Answers of the LoRA and of its base model to the same prompts, side by side."""
 
 import json
+import time
 from pathlib import Path
 
 from tinker import types
 
 from .data import read_chat_jsonl, write_json
-from .engines import INFO_FILE, open_sampler
+from .engines import INFO_FILE, make_engine
 from .errors import PipelineError
+from .settings import EvaluateSettings, SampleSettings
 
 DEFAULT_PROMPTS = [
     "Hello!",
@@ -65,22 +67,43 @@ def adapter_info(lora_weights: str) -> dict:
                         "sampler path); pass a run's final_lora_weights/")
 
 
-def compare(lora_weights: str, prompts: list[list[dict]], base_model: str | None = None,
-            compare_base: bool = False, max_tokens: int = 150, temperature: float = 0.7,
-            seed: int = 0, request_timeout: float = 120.0) -> dict:
-    """The workflow's test output: LoRA answers (and base answers with `compare_base`), all
-    prompts sampled in one batch, with the same settings and seed for both."""
+# Prompts answered per batch: each batch is a progress report (how many answered, how fast), so
+# that a slow evaluation and a hung one look different.
+ANSWER_BATCH = 8
+
+
+def _answer(engine, inputs: list, params: types.SamplingParams, who: str, progress) -> list:
+    """Answers to `inputs`, from the LoRA or the base (`who`), batch by batch; `progress(who,
+    done, total, tokens, seconds)` after each. A remote engine has every batch in flight at
+    once; the local one computes a batch when asked."""
+    started = time.monotonic()
+    batches = (engine.sample(inputs[i:i + ANSWER_BATCH], params, lora=who == "lora")
+               for i in range(0, len(inputs), ANSWER_BATCH))
+    if engine.remote:
+        batches = list(batches)
+    sequences = []
+    for batch in batches:
+        sequences += batch.result()
+        if progress:
+            progress(who, len(sequences), len(inputs), sum(len(q.tokens) for q in sequences),
+                     time.monotonic() - started)
+    return sequences
+
+
+def compare(lora_weights: str, prompts: list[list[dict]], s: SampleSettings, progress=None) -> dict:
+    """The workflow's test output: LoRA answers (and base answers with `compare_base`), with
+    the same settings and seed for both, in batches of ANSWER_BATCH prompts."""
     info = adapter_info(lora_weights)
-    base_model = base_model or info["base_model"]
+    base_model = s.base_model or info["base_model"]
     if not base_model:
         raise PipelineError(f"--lora-weights {lora_weights}: no base model recorded; pass --base-model")
-    engine = open_sampler(info, base_model, seed, request_timeout)
+    engine = make_engine(info["backend"], base_model, rank=info["rank"], seed=s.seed,
+                         request_timeout=s.request_timeout, weights=info)
     inputs = [engine.renderer.build_generation_prompt(p) for p in prompts]
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    params = types.SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, seed=s.seed)
     try:
-        answers = {"lora": engine.sample(inputs, params, lora=True).result()}
-        if compare_base:
-            answers["base"] = engine.sample(inputs, params, lora=False).result()
+        answers = {who: _answer(engine, inputs, params, who, progress)
+                   for who in (("lora", "base") if s.compare_base else ("lora",))}
     finally:
         engine.close()
     results = []
@@ -93,11 +116,13 @@ def compare(lora_weights: str, prompts: list[list[dict]], base_model: str | None
         results.append(row)
     return {
         "base_model": base_model, "lora_weights": str(lora_weights), "results": results,
-        "settings": {"max_tokens": max_tokens, "temperature": temperature, "seed": seed},
+        "settings": {"max_tokens": s.max_tokens, "temperature": s.temperature, "seed": s.seed},
     }
 
 
-def run_test(lora_weights: str, output: str, test_prompts: str | None = None, **kwargs) -> dict:
-    result = compare(lora_weights, load_prompts(test_prompts), **kwargs)
-    write_json(Path(output), result)
+def run_test(s: EvaluateSettings, progress=None) -> dict:
+    """`lora-pipeline test`: answers written to `s.output`."""
+    s.check()
+    result = compare(s.lora_weights, load_prompts(s.test_prompts), s, progress)
+    write_json(Path(s.output), result)
     return result

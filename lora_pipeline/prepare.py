@@ -9,11 +9,11 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from .data import problem, write_atomic, write_json
+from .data import held_out_path, problem, slug, write_atomic, write_json
 from .errors import PipelineError
+from .settings import FORMATS, PrepareSettings
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "question_answer", "columns")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "model": "assistant", "bot": "assistant"}
 EXAMPLES_PER_REASON = 5
@@ -261,7 +261,7 @@ def prepare(dataset: str, split: str, output: Path, max_examples: int | None = N
     val_rows = set(order[:n_val])
     train = [line for i, line in enumerate(kept) if i not in val_rows]
     val = [line for i, line in enumerate(kept) if i in val_rows]
-    val_path = output.with_name(output.stem + ".val.jsonl") if val else None
+    val_path = held_out_path(output) if val else None
     report = {
         "dataset": dataset, "split": split, "output": str(output), "validation": str(val_path) if val else None,
         "rows_read": read, "kept": len(kept), "train": len(train), "val": len(val),
@@ -275,6 +275,8 @@ def prepare(dataset: str, split: str, output: Path, max_examples: int | None = N
     write_atomic(output, "\n".join(train) + "\n")
     if val:
         write_atomic(val_path, "\n".join(val) + "\n")
+    else:  # an earlier split beside the file would be taken for this one's held-out data
+        held_out_path(output).unlink(missing_ok=True)
     write_json(output.with_name(output.name + ".report.json"), report)
     return report
 
@@ -292,3 +294,20 @@ def summary(report: dict) -> str:
                      f"~{report['train_tokens_per_epoch']} training tokens per epoch")
     lines.append(f"  report: {report['output']}.report.json")
     return "\n".join(lines)
+
+
+def prepare_data_file(s: PrepareSettings) -> dict:
+    """`prepare` with a stage's settings, checked first."""
+    s.check()
+    return prepare(s.dataset, s.split, Path(s.output), s.max_examples, config_name=s.config_name, fmt=s.fmt,
+                   columns={"prompt": s.prompt_column, "response": s.response_column, "system": s.system_column},
+                   first=s.first, seed=s.seed, val_fraction=s.val_fraction, max_length=s.max_length,
+                   on_overflow=s.on_overflow, base_model=s.base_model, strict=s.strict)
+
+
+def prepared_path(output_dir: str | Path, dataset: str, split: str, max_examples: int | None) -> str:
+    """Where the pipeline puts a dataset's prepared file, named after its source so that two
+    sources never share one: a local file's stem, or the hub id and split (the split means
+    nothing for local files, which are read whole)."""
+    source = Path(dataset).stem if Path(dataset).exists() else f"{dataset}_{split}"
+    return str(Path(output_dir) / "data" / f"{slug(source)}_{max_examples or 'all'}.jsonl")

@@ -10,8 +10,7 @@ from tinker_cookbook.renderers import TrainOnWhat
 from tinker_cookbook.supervised.common import datum_from_model_input_weights
 
 from .errors import PipelineError
-
-OVERFLOW_CHOICES = ("truncate", "drop")
+from .settings import OVERFLOW_CHOICES
 
 
 def renderer_for(base_model: str, tokenizer):

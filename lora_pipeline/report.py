@@ -3,34 +3,47 @@ answers side by side, as report.md and as a self-contained report.html with loss
 and the note a failed run leaves behind."""
 
 import base64
-import dataclasses
 import html
 import io
-import json
+import re
+import shlex
 from pathlib import Path
 
-from .data import read_chat_jsonl, read_json, write_atomic
-from .train import TrainConfig, read_registry
+from .data import read_chat_jsonl, write_atomic
+from .run_folder import STATE, RunFolder, RunSummary
+from .settings import TrainSettings, fields_of, flag_name
 
 SPAN = 50  # characters an answer must share with a training example to count as repeated verbatim
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+def md_text(text: str) -> str:
+    """Model or user text, shown as written in markdown: every character markdown would read as
+    markup (emphasis, code, links, headings, HTML, tables) escaped."""
+    return re.sub(r"([\\`*_{}\[\]()<>#+\-.!|~])", r"\\\1", text)
 
 
-def verdict(summary: dict) -> str:
+def md_cell(text: str) -> str:
+    """Text for a markdown table cell: escaped, on one line."""
+    return md_text(text).replace("\r", "").replace("\n", " ")
+
+
+def md_quote(text: str) -> str:
+    """Text as a markdown block quote: escaped, its lines kept."""
+    return "\n".join("> " + md_text(line) for line in text.splitlines() or [""])
+
+
+def verdict(summary: RunSummary) -> str:
     """One sentence (two with held-out data): did training work, did the LoRA beat its base."""
-    first, last = summary["first_loss"], summary["last_loss"]
+    first, last = summary.first_loss, summary.last_loss
     trend = "fell" if last < first else "did not fall"
-    text = (f"Training loss {trend} from {first:.3f} to {last:.3f} over {summary['steps']} steps "
-            f"({summary['tokens']} trained tokens in {summary['time_s']:.0f} s).")
-    base, final = summary.get("val_loss_base"), summary.get("val_loss_final")
+    text = (f"Training loss {trend} from {first:.3f} to {last:.3f} over {summary.steps} steps "
+            f"({summary.tokens} trained tokens in {summary.time_s:.0f} s).")
+    base, final = summary.val_loss_base, summary.val_loss_final
     if base is not None and final is not None:
         change = (final - base) / base * 100
         text += (f" On held-out data the LoRA {'beat' if final < base else 'did not beat'} the base model: "
                  f"{final:.3f} vs {base:.3f} nats/token ({change:+.0f}%)")
-        best = summary.get("best")
+        best = summary.best
         text += f"; best at step {best['step']} ({best['val_loss']:.3f})." if best else "."
     return text
 
@@ -66,23 +79,23 @@ def verbatim_counts(results: list[dict], data: Path) -> dict:
             for who in ("lora", "base") if all(f"{who}_response" in r for r in results)}
 
 
-def checkpoint_rows(summary: dict, train_log: list[dict], val_log: list[dict]) -> list[dict]:
+def checkpoint_rows(summary: RunSummary, train_log: list[dict], val_log: list[dict]) -> list[dict]:
     """One row per saved adapter: its step, the loss of that step's batch, and where held-out
     data was given, the loss on held-out and on as many training examples with its weights and
     the gap between them (held-out minus training)."""
     step_loss = {r["step"]: r["loss"] for r in train_log}
     measured = {r["step"]: r for r in val_log}
-    best = (summary.get("best") or {}).get("name")
+    best = (summary.best or {}).get("name")
     rows = []
-    for entry in summary["checkpoints"]:
-        if entry["name"] == "training_state":
+    for entry in summary.checkpoints:
+        if entry.name == STATE:
             continue
-        m = measured.get(entry["step"], {})
+        m = measured.get(entry.step, {})
         val, train = m.get("val_loss"), m.get("train_loss")
-        rows.append({"name": entry["name"], "step": entry["step"], "step_loss": step_loss.get(entry["step"]),
+        rows.append({"name": entry.name, "step": entry.step, "step_loss": step_loss.get(entry.step),
                      "train_loss": train, "val_loss": val,
                      "gap": val - train if val is not None and train is not None else None,
-                     "best": entry["name"] == best, "path": entry["state_path"] or entry["sampler_path"]})
+                     "best": entry.name == best, "path": entry.path})
     return rows
 
 
@@ -118,19 +131,17 @@ def overfitting(val_log: list[dict], verbatim: dict, answers: int) -> list[str]:
     return lines
 
 
-def metrics(summary: dict, results: dict) -> dict:
+def metrics(summary: RunSummary, results: dict) -> dict:
     """Everything the report shows, computed once from the run folder and the answers."""
-    run_dir = Path(summary["run_dir"])
-    train_log = read_json(run_dir / "training_log.json", [])
-    val_log = read_json(run_dir / "validation_log.json", [])
-    config = read_json(run_dir / "config.json", {})
-    data = Path(config.get("data", ""))
+    folder = RunFolder(summary.run_dir)
+    train_log, val_log = folder.read_log(), folder.read_val_log()
+    data = Path(folder.read_config().get("data", ""))
     verbatim = verbatim_counts(results["results"], data) if data.is_file() else {}
     step_time = sum(r["time_s"] for r in train_log)
     rows = checkpoint_rows(summary, train_log, val_log)
     return {
         "train_log": train_log, "val_log": val_log, "checkpoints": rows, "verbatim": verbatim,
-        "step_time_s": step_time, "tokens_per_s": summary["tokens"] / step_time if step_time else None,
+        "step_time_s": step_time, "tokens_per_s": summary.tokens / step_time if step_time else None,
         "overfitting": overfitting(val_log, verbatim, len(results["results"])),
     }
 
@@ -178,18 +189,18 @@ def checkpoint_cells(r: dict) -> list:
             _f(r["val_loss"]), _f(r["gap"])]
 
 
-def _summary_rows(summary: dict, m: dict) -> list[tuple[str, str]]:
-    best = summary.get("best")
-    rows = [("engine", summary["backend"]), ("base model", summary["base_model"]),
-            ("steps", str(summary["steps"])), ("trained tokens", f"{summary['tokens']:,}"),
-            ("time", f"{summary['time_s']:.0f} s ({m['step_time_s']:.0f} s in steps)"),
+def _summary_rows(summary: RunSummary, m: dict) -> list[tuple[str, str]]:
+    best = summary.best
+    rows = [("engine", summary.backend), ("base model", summary.base_model),
+            ("steps", str(summary.steps)), ("trained tokens", f"{summary.tokens:,}"),
+            ("time", f"{summary.time_s:.0f} s ({m['step_time_s']:.0f} s in steps)"),
             ("tokens/s", _f(m["tokens_per_s"], 0))]
-    if summary.get("val_loss_base") is not None:
-        rows += [("held-out loss, base", _f(summary["val_loss_base"], 4)),
-                 ("held-out loss, LoRA (final)", _f(summary["val_loss_final"], 4))]
+    if summary.val_loss_base is not None:
+        rows += [("held-out loss, base", _f(summary.val_loss_base, 4)),
+                 ("held-out loss, LoRA (final)", _f(summary.val_loss_final, 4))]
         if best:
             rows.append(("held-out loss, best", f"{best['val_loss']:.4f} ({best['name']}, step {best['step']})"))
-    rows += [("final adapter", summary["final_lora_weights"])]
+    rows += [("final adapter", summary.final_lora_weights)]
     return rows
 
 
@@ -197,10 +208,10 @@ def _answer_columns(results: dict) -> list[str]:
     return ["lora"] + (["base"] if all("base_response" in r for r in results["results"]) else [])
 
 
-def _markdown(summary: dict, results: dict, m: dict) -> str:
-    run_dir = Path(summary["run_dir"])
+def _markdown(summary: RunSummary, results: dict, m: dict) -> str:
+    run_dir = Path(summary.run_dir)
     lines = [f"# LoRA run `{run_dir.name}`", "", verdict(summary), "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {_cell(v)} |" for k, v in _summary_rows(summary, m)]
+    lines += [f"| {k} | {md_cell(v)} |" for k, v in _summary_rows(summary, m)]
     lines += ["", "Plots and everything below: `report.html` (loss curves: `loss.png`).", ""]
     lines += ["## Checkpoints", "", "| " + " | ".join(CHECKPOINT_COLUMNS) + " |", "|---" * len(CHECKPOINT_COLUMNS) + "|"]
     lines += ["| " + " | ".join(map(str, checkpoint_cells(r))) + " |" for r in m["checkpoints"]]
@@ -210,13 +221,14 @@ def _markdown(summary: dict, results: dict, m: dict) -> str:
                   for r in m["val_log"]]
     if m["overfitting"]:
         lines += ["", "## Overfitting", ""] + [f"- {line}" for line in m["overfitting"]]
-    who = _answer_columns(results)
-    lines += ["", "## Answers", "", "| prompt | " + " | ".join("LoRA" if w == "lora" else "base" for w in who) + " |",
-              "|---" * (len(who) + 1) + "|"]
-    for r in results["results"]:
-        lines.append("| " + " | ".join([_cell(r["prompt"][-1]["content"])]
-                                       + [_cell(r[f"{w}_response"]) for w in who]) + " |")
-    return "\n".join(lines) + "\n"
+    lines += ["", "## Answers", ""]
+    # One section per prompt, not a table: answers run long and over several lines.
+    for i, r in enumerate(results["results"], start=1):
+        lines += [f"**Prompt {i}**", "", md_quote(r["prompt"][-1]["content"]), ""]
+        for w in _answer_columns(results):
+            lines += [f"**{'LoRA' if w == 'lora' else 'Base model'}** ({r.get(f'{w}_tokens', '?')} tokens, "
+                      f"{md_cell(str(r.get(f'{w}_stop_reason', '?')))})", "", md_quote(r[f"{w}_response"]), ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;color:#222}
@@ -237,8 +249,8 @@ def _td(value, cls: str = "") -> str:
     return f'<td class="{cls}">{html.escape(str(value))}</td>'
 
 
-def _html(summary: dict, results: dict, m: dict, png: bytes) -> str:
-    name = Path(summary["run_dir"]).name
+def _html(summary: RunSummary, results: dict, m: dict, png: bytes) -> str:
+    name = Path(summary.run_dir).name
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>LoRA run {html.escape(name)}</title>",
              f"<style>{_STYLE}</style></head><body>",
              f"<h1>LoRA run <code>{html.escape(name)}</code></h1><p>{html.escape(verdict(summary))}</p>",
@@ -275,10 +287,10 @@ def _html(summary: dict, results: dict, m: dict, png: bytes) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_report(summary: dict, results: dict) -> dict:
+def write_report(summary: RunSummary, results: dict) -> dict:
     """report.md, report.html (self-contained: the plot is embedded) and loss.png in the run
     folder. Returns report.html's path, the markdown and the metrics behind them."""
-    run_dir = Path(summary["run_dir"])
+    run_dir = Path(summary.run_dir)
     m = metrics(summary, results)
     png = _png(loss_figure(m["train_log"], m["val_log"]))
     write_atomic(run_dir / "loss.png", png)
@@ -289,39 +301,46 @@ def write_report(summary: dict, results: dict) -> dict:
 
 
 def resume_command(config: dict) -> str:
-    """The `lora-pipeline train` command that continues the run of this config.json."""
-    args = [f"--data {config['data']}"]
-    for f in dataclasses.fields(TrainConfig):
+    """The `lora-pipeline train` command that continues the run of this config.json, quoted
+    for the shell (a run name or path may hold spaces or `;`)."""
+    args = ["lora-pipeline", "train"]
+    for f in fields_of(TrainSettings):
         value = config.get(f.name)
-        if f.name in ("data", "start_over") or value is None or value == f.default:
+        if f.name in ("start_over", "run_name", "output_dir") or value is None or value == f.default:
             continue
-        args.append(f"--{f.name.replace('_', '-')} {value}")
-    args.append(f"--run-name {Path(config['run_dir']).name}")
-    return "lora-pipeline train " + " ".join(dict.fromkeys(args))
+        args += [flag_name(f)] if value is True else [flag_name(f), str(value)]
+    run_dir = Path(config["run_dir"])
+    args += ["--output-dir", str(run_dir.parent), "--run-name", run_dir.name]
+    return shlex.join(args)
 
 
-def write_failure_summary(output_dir: str, run_name: str | None, error: str, since: float) -> tuple[Path, str]:
+def write_failure_summary(output_dir: str, run_name: str | None, error: str, since: float,
+                          how_to_continue: str | None = None, details: str = "") -> tuple[Path, str]:
     """`failure.md` in the failed run's folder (or `last_failure.md` in the output folder when
-    the run never got one): what failed, the last good checkpoint, how to continue."""
-    out = Path(output_dir)
+    the run never got one, or when another process holds that folder): what failed, the last
+    good checkpoint, how to continue (`how_to_continue`, else the `lora-pipeline train` command
+    that does), and `details` (the traceback). Paths in it are absolute."""
+    out = Path(output_dir).resolve()
     if run_name:
         run_dir = out / run_name
-    else:  # the newest run folder this flow run made
+    else:  # the newest run folder this flow run wrote in
         made = [p for p in out.glob("lora_*") if (p / "config.json").exists() and p.stat().st_mtime >= since]
         run_dir = max(made, key=lambda p: p.stat().st_mtime) if made else None
     lines = ["# lora-pipeline run failed", "", f"**Error:** {error}", ""]
-    if run_dir and (run_dir / "config.json").exists():
-        config = json.loads((run_dir / "config.json").read_text())
-        states = [e for e in read_registry(run_dir) if e.get("state_path")]
-        last = f"`{states[-1]['state_path']}` (step {states[-1]['step']})" if states else "none yet"
-        lines += [f"**Run folder:** `{run_dir}`", f"**Last good checkpoint:** {last}", "",
-                  "Continue where it stopped (same data and settings, same run name):", "",
-                  f"    {resume_command(config)}", "",
-                  f"or rerun the flow with the parameter run_name={run_dir.name}."]
-        path = run_dir / "failure.md"
+    folder = RunFolder(run_dir) if run_dir and (run_dir / "config.json").exists() else None
+    if folder and not folder.in_use_elsewhere():
+        states = [e for e in folder.registry() if e.state_path]
+        last = f"`{states[-1].state_path}` (step {states[-1].step})" if states else "none yet"
+        lines += [f"**Run folder:** `{folder.path}`", f"**Last good checkpoint:** {last}", "",
+                  "Continue where it stopped (same data and settings: the run folder is found again):", "",
+                  f"    {how_to_continue or resume_command(folder.read_config())}"]
+        path = folder / "failure.md"
     else:
-        lines += ["It failed before a run folder was made; fix the error and run the same command again."]
+        lines += ["No run folder of this run can take the note (none was made, or another process holds it); "
+                  "fix the error and run the same command again" + (f":\n\n    {how_to_continue}" if how_to_continue else ".")]
         path = out / "last_failure.md"
+    if details:
+        lines += ["", "## Details", "", "```", details.rstrip(), "```"]
     markdown = "\n".join(lines) + "\n"
     write_atomic(path, markdown)
     return path, markdown

@@ -1,92 +1,39 @@
-"""The supervised training loop: batches, steps, checkpoints, and the run folder's layout.
-
-    run_dir/config.json          every parameter (no secrets)
-    run_dir/training_log.json    [{"step", "loss", "tokens", "lr", "time_s"}, ...]
-    run_dir/checkpoint_step_N/   adapter + optimizer + RNG + step, every `save_every` steps
-    run_dir/final_lora_weights/  the adapter to use for inference
-    run_dir/training_state/      what resuming needs, as of the last step
-    run_dir/checkpoints.jsonl    every saved state and sampler path (tinker:// on Tinker), as made
-    run_dir/validation_log.json  held-out loss before training (the base model), at each
-                                 checkpoint and at the end, and the loss on as many training
-                                 examples: [{"step", "val_loss", "val_ppl", "train_loss"}, ...]
-    run_dir/best_lora_weights.json  the saved weights with the lowest held-out loss
-
-On Tinker the checkpoint folders hold the tinker:// paths (lora_pipeline.json), not weights.
-"""
+"""The supervised training loop: the batch schedule, the learning rate, the steps, the
+checkpoints, and resuming. The run folder's layout and records are in run_folder.py."""
 
 import dataclasses
+import functools
+import hashlib
 import json
 import math
-import re
 import shutil
 import time
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from tinker import types
 
-from .data import file_sha256, read_chat_jsonl, read_json, write_json
+from .data import file_sha256, folder_sha256, held_out_beside, read_chat_jsonl, slug
 from .engines import EngineTimeout, check_base_model, choose_backend, default_base_model, make_engine
 from .errors import PipelineError
-from .render import OVERFLOW_CHOICES, render_conversations
+from .render import render_conversations
+from .run_folder import FINAL, FORMAT, STATE, CheckpointRecord, RunFolder, RunSummary, checkpoint_name
+from .settings import TrainSettings
+
+# What must match for a run folder to be continued: the data and all that shapes the steps.
+# Where checkpoints go, how often, and timeouts may change between tries.
+RESUME_KEYS = ("data_sha256", "batch", "max_steps", "rank", "learning_rate", "backend", "base_model",
+               "seed", "max_length", "on_overflow", "beta1", "beta2", "eps", "weight_decay")
+# Batches of similar length are formed within windows of this many batches (see epoch_batches).
+LENGTH_WINDOW = 16
 
 
-@dataclass
-class TrainConfig:
-    data: str
-    batch: int = 8
-    max_steps: int = 0  # 0 = one full epoch
-    rank: int = 16
-    learning_rate: float = 1e-4
-    save_every: int = 25  # 0 = only the final weights
-    output_dir: str = "checkpoints"
-    backend: str = "auto"
-    base_model: str | None = None  # None = the backend's default
-    seed: int = 0
-    run_name: str | None = None  # None = lora_<model>_<YYYYmmdd_HHMMSS>
-    max_length: int = 1024
-    on_overflow: str = "truncate"
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    request_timeout: float = 120.0  # seconds any one engine call may take (Tinker)
-    start_over: bool = False  # replace an existing run folder instead of continuing it
-    val_data: str | None = None  # held-out conversations: loss measured at start, checkpoints, end
-
-    def check(self) -> None:
-        for name in ("batch", "rank"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("max_steps", "save_every"):
-            if getattr(self, name) < 0:
-                raise PipelineError(f"--{name.replace('_', '-')} must be 0 or more")
-        if not self.request_timeout > 0:
-            raise PipelineError("--request-timeout must be positive")
-        if not self.learning_rate > 0:
-            raise PipelineError("--learning-rate must be positive")
-        if self.on_overflow not in OVERFLOW_CHOICES:
-            raise PipelineError(f"--on-overflow must be one of {', '.join(OVERFLOW_CHOICES)}")
-
-
-def run_folder_name(base_model: str, now: datetime | None = None) -> str:
-    model = re.sub(r"[^A-Za-z0-9.-]+", "_", base_model.strip("/"))
-    return f"lora_{model}_{(now or datetime.now()):%Y%m%d_%H%M%S}"
-
-
-def preflight(cfg: TrainConfig, read_data: bool = True) -> tuple[str, str, list]:
-    """Check what can be checked without the model: settings, backend, base model, data file.
-    Returns the backend, the base model and the conversations."""
-    cfg.check()
-    backend = choose_backend(cfg.backend)
-    base_model = cfg.base_model or default_base_model(backend)
-    conversations = read_chat_jsonl(Path(cfg.data)) if read_data else []
-    if read_data and cfg.val_data:
-        read_chat_jsonl(Path(cfg.val_data))
-    check_base_model(backend, base_model)
-    return backend, base_model, conversations
+def run_folder_name(config: dict) -> str:
+    """lora_<model>_<key>: the key is eight hex digits of what the run's steps depend on
+    (RESUME_KEYS: the data's hash and the settings), so the same command, or the same
+    deployment run, finds its own earlier run folder again and continues it."""
+    key = hashlib.sha256(json.dumps([config[k] for k in RESUME_KEYS]).encode()).hexdigest()[:8]
+    return f"lora_{slug(config['base_model'])}_{key}"
 
 
 def trained_tokens(data: list[types.Datum]) -> float:
@@ -94,101 +41,149 @@ def trained_tokens(data: list[types.Datum]) -> float:
     return sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in data)
 
 
-def read_registry(run_dir: Path, notes: list[str] | None = None) -> list[dict]:
-    """The entries of run_dir/checkpoints.jsonl. A line cut short by a crash is skipped (and
-    said in `notes`)."""
-    path = run_dir / "checkpoints.jsonl"
-    entries = []
-    for n, line in enumerate(path.read_text().splitlines() if path.exists() else [], start=1):
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            if notes is not None:
-                notes.append(f"checkpoints.jsonl:{n} is incomplete; ignored")
-    return entries
+def epoch_batches(lengths: list[int], batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of an epoch, as indices into `lengths` (the examples' token counts): a fresh
+    seeded shuffle, then, within windows of LENGTH_WINDOW batches, examples of similar length are
+    batched together and the batches shuffled. Padding a batch to its longest example then
+    wastes little compute (the local engine pads; see bench/throughput.py), and which examples
+    share a step is still random beyond the window. The last partial batch is dropped: every
+    step sees `batch` examples, and a step's batch depends only on (data, seed, step), which
+    exact replay relies on."""
+    rng = np.random.default_rng([seed, epoch])
+    steps = len(lengths) // batch
+    order = rng.permutation(len(lengths))[:steps * batch]
+    batches = []
+    for w in range(0, len(order), LENGTH_WINDOW * batch):
+        window = sorted(order[w:w + LENGTH_WINDOW * batch], key=lambda j: lengths[j])
+        batches += [window[i:i + batch] for i in range(0, len(window), batch)]
+    return [batches[k] for k in rng.permutation(len(batches))]
 
 
-# config.json's layout; a run folder of another format is not continued.
-FORMAT = 1
-# What must match for a run folder to be continued: the data and all that shapes the steps.
-# Where checkpoints go, how often, and timeouts may change between tries.
-RESUME_KEYS = ("data_sha256", "batch", "max_steps", "rank", "learning_rate", "backend", "base_model",
-               "seed", "max_length", "on_overflow", "beta1", "beta2", "eps", "weight_decay")
+def learning_rate(peak: float, step: int, total_steps: int) -> float:
+    """Linear decay from `peak` at step 1 to nearly 0 at the last step."""
+    return peak * (1 - (step - 1) / total_steps)
 
 
 class TrainingRun:
-    """One training run: its engine, its examples and its run folder.
+    """One training run: its settings, engine, examples and run folder.
 
-    Everything that can be wrong with the inputs is checked before the run folder is made,
-    so a bad --data, --backend or --base-model leaves nothing behind. An existing run folder
-    with the same data and settings is continued from its newest loadable checkpoint.
+    Making one only resolves names (backend, base model, run folder). `open()` does the work:
+    checks the inputs before the run folder is made (so a bad --data, --backend or --base-model
+    leaves nothing behind), starts the engine and continues an existing run folder with the
+    same data and settings from its newest loadable checkpoint.
     """
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self.backend, self.base_model, conversations = preflight(cfg)
-        self.run_dir = Path(cfg.output_dir) / (cfg.run_name or run_folder_name(self.base_model))
-        self.config = {
-            **dataclasses.asdict(cfg), "format": FORMAT, "data_sha256": file_sha256(Path(cfg.data)),
-            "backend_requested": cfg.backend, "backend": self.backend, "base_model": self.base_model,
-            "run_dir": str(self.run_dir),
-        }
-        del self.config["start_over"]
-        resuming = self._check_existing_folder()
-        self.engine = self._new_engine()
-        self.examples, self.render_report = render_conversations(
-            conversations, self.engine.renderer, cfg.max_length, cfg.on_overflow)
-        self.val_examples = []
-        if cfg.val_data:
-            self.val_examples, _ = render_conversations(read_chat_jsonl(Path(cfg.val_data)), self.engine.renderer,
-                                                        cfg.max_length, cfg.on_overflow)
-        # As many training examples as held-out ones, measured alongside them: the gap between
-        # the two losses, taken with the same weights, is the overfitting signal.
-        picked = np.random.default_rng(cfg.seed).permutation(len(self.examples))[:len(self.val_examples)]
-        self.train_sample = [self.examples[j] for j in sorted(picked)]
-        if len(self.examples) < cfg.batch:
-            raise PipelineError(f"--data {cfg.data}: {len(self.examples)} usable examples, fewer than "
-                                f"one batch of {cfg.batch}; lower --batch or add data")
-        # The last partial batch of an epoch is dropped: every step then sees `batch` examples,
-        # and a step's batch depends only on (data, seed, step), which exact replay relies on.
-        self.steps_per_epoch = len(self.examples) // cfg.batch
-        self.total_steps = cfg.max_steps or self.steps_per_epoch
-        self._epochs: dict[int, list[list[int]]] = {}  # the current epoch's batches
+    def __init__(self, settings: TrainSettings):
+        settings.check()
+        self.settings = settings
+        self.backend = choose_backend(settings.backend)
+        self.base_model = settings.base_model or default_base_model(self.backend)
+        self.engine = None
+        self.examples: list[types.Datum] = []
+        self.val_examples: list[types.Datum] = []
+        self.train_sample: list[types.Datum] = []
+        self.total_steps = 0
         self.log: list[dict] = []
         self.val_log: list[dict] = []
-        self.saved: list[dict] = []  # the registry's usable entries, as in checkpoints.jsonl
+        self.saved: list[CheckpointRecord] = []  # the registry's usable entries
         self.notes: list[str] = []  # what resuming found and did, for the logs
         self.first_step = 1
+        self.done = 0  # the step whose weights the engine holds
         self.dirty = False  # an engine call failed part-way: the engine's state is unknown
         self.queued: dict[int, tuple] = {}  # step -> its submitted (forward_backward, optim_step)
+        self._epoch: tuple[int, list[list[int]]] | None = None  # the current epoch's batches
         self.started = time.monotonic()
+
+    @functools.cached_property
+    def config(self) -> dict:
+        """What config.json records: every setting (less start_over), the data's hash and what
+        was resolved (backend, base model, held-out file, run folder)."""
+        s = self.settings
+        if not Path(s.data).is_file():
+            read_chat_jsonl(Path(s.data))  # says what is wrong and what to do
+        config = {**dataclasses.asdict(s), "format": FORMAT, "data_sha256": file_sha256(Path(s.data)),
+                  "val_data": s.val_data or held_out_beside(s.data), "backend_requested": s.backend,
+                  "backend": self.backend, "base_model": self.base_model}
+        del config["start_over"]
+        config["run_dir"] = str((Path(s.output_dir) / (s.run_name or run_folder_name(config))).resolve())
+        return config
+
+    @functools.cached_property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.config["run_dir"])
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
+
+    def check_inputs(self) -> tuple[list, list]:
+        """Reads the training and held-out data and checks that the engine can start; returns
+        the training and held-out conversations."""
+        conversations = read_chat_jsonl(Path(self.settings.data))
+        val_data = self.config["val_data"]
+        val_conversations = read_chat_jsonl(Path(val_data)) if val_data else []
+        check_base_model(self.backend, self.base_model)
+        return conversations, val_conversations
+
+    def open(self) -> "TrainingRun":
+        conversations, val_conversations = self.check_inputs()
+        self.folder.lock()
+        try:
+            self._open(conversations, val_conversations)
+        except BaseException:
+            self.close("errored")
+            raise
+        return self
+
+    def _open(self, conversations: list, val_conversations: list) -> None:
+        s = self.settings
+        resuming = self._check_existing_folder(self.config)
+        self.engine = self._new_engine()
+        self.examples, self.render_report = render_conversations(
+            conversations, self.engine.renderer, s.max_length, s.on_overflow)
+        self.val_examples, _ = render_conversations(val_conversations, self.engine.renderer,
+                                                    s.max_length, s.on_overflow)
+        # As many training examples as held-out ones, measured alongside them: the gap between
+        # the two losses, taken with the same weights, is the overfitting signal.
+        picked = np.random.default_rng(s.seed).permutation(len(self.examples))[:len(self.val_examples)]
+        self.train_sample = [self.examples[j] for j in sorted(picked)]
+        if len(self.examples) < s.batch:
+            raise PipelineError(f"--data {s.data}: {len(self.examples)} usable examples, fewer than "
+                                f"one batch of {s.batch}; lower --batch or add data")
+        self.steps_per_epoch = len(self.examples) // s.batch
+        self.total_steps = s.max_steps or self.steps_per_epoch
         if resuming:
             self._resume()
         else:
             self.run_dir.mkdir(parents=True)
-            self.config.update(examples=len(self.examples), total_steps=self.total_steps,
-                               rendering=self.render_report.summary())
-            write_json(self.run_dir / "config.json", self.config)
+            self.folder.write_config({**self.config, "examples": len(self.examples), "total_steps": self.total_steps,
+                                      "rendering": self.render_report.summary()})
 
-    def _check_existing_folder(self) -> bool:
-        """True when the run folder exists and may be continued; refuses one that may not."""
+    def _check_existing_folder(self, config: dict) -> bool:
+        """True when the run folder exists and may be continued; refuses one that may not.
+        --start-over replaces only a folder that lora-pipeline made: one whose config.json says
+        its format, never a symbolic link, never anything else."""
+        other = "choose another --run-name or --output-dir"
+        if self.run_dir.is_symlink() or (self.run_dir.exists() and not self.run_dir.is_dir()):
+            raise PipelineError(f"{self.run_dir} is a symbolic link or a file, not a run folder; {other}")
         if not self.run_dir.exists():
             return False
-        if self.cfg.start_over:
+        try:
+            old = self.folder.read_config()
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict) or "format" not in old:
+            raise PipelineError(f"{self.run_dir} exists but holds no lora-pipeline config.json, so it is not a "
+                                f"run folder to continue or replace; {other}")
+        if self.settings.start_over:
             shutil.rmtree(self.run_dir)
             return False
-        again = "Pass --start-over to replace it, or choose another --run-name."
-        try:
-            old = json.loads((self.run_dir / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            raise PipelineError(f"{self.run_dir} exists but has no readable config.json, so it is not a "
-                                f"run folder to continue. {again}") from None
+        again = f"Pass --start-over to replace it, or {other}."
         if old.get("format") != FORMAT:
             raise PipelineError(f"{self.run_dir} was made by another version of lora-pipeline (format "
                                 f"{old.get('format', 'none')}, this one writes {FORMAT}) and cannot be "
                                 f"continued. {again}")
-        changed = [f"{k} {old.get(k)!r} -> {self.config[k]!r}" for k in RESUME_KEYS
-                   if old.get(k) != self.config[k]]
+        changed = [f"{k} {old.get(k)!r} -> {config[k]!r}" for k in RESUME_KEYS if old.get(k) != config[k]]
         if changed:
             raise PipelineError(f"{self.run_dir} was trained with other data or settings "
                                 f"({'; '.join(changed)}); continuing would mix two runs. {again}")
@@ -201,79 +196,91 @@ class TrainingRun:
         for leftover in sorted(self.run_dir.glob(".tmp-*")) + sorted(self.run_dir.glob(".old-*")):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
             self.notes.append(f"removed half-written {leftover.name}")
-        registry = read_registry(self.run_dir, self.notes)
+        registry = self.folder.registry(self.notes)
         done, unusable = 0, set()
-        for entry in reversed([e for e in registry if e["state_path"]]):
+        for entry in reversed([e for e in registry if e.state_path]):
+            held = self.folder.saved_step(entry.name)
+            if held != entry.step:  # a mislabelled or replaced checkpoint is not trusted
+                unusable.add(entry.name)
+                self.notes.append(f"{entry.name} is registered as step {entry.step} but holds step {held}; "
+                                  "trying an older one")
+                continue
             try:
-                self.engine.load_state(entry["state_path"])
-                done = entry["step"]
+                self.engine.load_state(entry.state_path)
+                done = entry.step
                 break
             except Exception as e:  # any damage: a missing, truncated or foreign checkpoint
-                unusable.add(entry["name"])
-                self.notes.append(f"{entry['name']} cannot be loaded ({type(e).__name__}: {e}); "
+                unusable.add(entry.name)
+                self.notes.append(f"{entry.name} cannot be loaded ({type(e).__name__}: {e}); "
                                   "trying an older one")
         else:
             self.engine.close("errored")
             self.engine = self._new_engine()  # nothing loaded: start from the seed
-        self.saved = [e for e in registry if e["step"] <= done and e["name"] not in unusable]
-        self.log = [r for r in read_json(self.run_dir / "training_log.json", []) if r["step"] <= done]
-        write_json(self.run_dir / "training_log.json", self.log)
-        self.val_log = [r for r in read_json(self.run_dir / "validation_log.json", []) if r["step"] <= done]
+        self.saved = [e for e in registry if e.step <= done and e.name not in unusable]
+        self.log = [r for r in self.folder.read_log() if r["step"] <= done]
+        if [r["step"] for r in self.log] != list(range(1, done + 1)):
+            raise PipelineError(
+                f"{self.run_dir}: the newest usable checkpoint holds step {done}, but training_log.json "
+                f"records steps {[r['step'] for r in self.log] or 'none'}: the records disagree, so the run "
+                "cannot be continued safely. Pass --start-over to train it again.")
+        self.folder.write_log(self.log)
+        self.val_log = [r for r in self.folder.read_val_log() if r["step"] <= done]
         self.first_step = done + 1
+        self.done = done
         self.notes.append(f"continuing after step {done} of {self.total_steps}" if done
                           else "no usable checkpoint: starting from step 1")
 
     def _new_engine(self):
-        cfg = self.cfg
-        return make_engine(self.backend, self.base_model, cfg.rank, cfg.seed, self.run_dir,
-                           cfg.request_timeout)
+        s = self.settings
+        return make_engine(self.backend, self.base_model, rank=s.rank, seed=s.seed,
+                           request_timeout=s.request_timeout, root=self.run_dir)
 
     def describe(self) -> str:
         return (f"engine {self.backend}, base model {self.base_model}, "
-                f"{self.render_report.summary()}; {self.total_steps} steps of {self.cfg.batch}, "
+                f"{self.render_report.summary()}; {self.total_steps} steps of {self.settings.batch}, "
                 f"run folder {self.run_dir}" + "".join(f"; {note}" for note in self.notes))
 
-    def finished(self) -> dict | None:
-        """The summary of a run that already trained to the end, if this is one."""
-        path = self.run_dir / "summary.json"
-        if self.first_step > self.total_steps and path.exists():
-            summary = json.loads(path.read_text())
-            if summary["steps"] == self.total_steps:
-                return summary
-        return None
+    def trained_before(self) -> RunSummary | None:
+        """The summary in this run's folder, if the folder holds this very run (same format,
+        data and settings) trained to the end with its final weights as they were saved: a
+        rerun returns it without loading anything. None otherwise."""
+        try:
+            old = self.folder.read_config()
+        except (OSError, ValueError):
+            return None
+        if old.get("format") != FORMAT or any(old.get(k) != self.config[k] for k in RESUME_KEYS):
+            return None
+        summary = self.folder.read_summary()
+        if not summary or summary.steps != old.get("total_steps"):
+            return None
+        final = self.run_dir / FINAL
+        if not final.is_dir() or folder_sha256(final) != summary.final_sha256:
+            self.notes.append(f"{FINAL} is missing or changed since it was saved; saving it again")
+            return None
+        return summary
 
-    def _epoch(self, epoch: int) -> list[list[int]]:
-        """The batches of an epoch, as example indices: a fresh seeded shuffle, then, within
-        windows of 16 batches, examples of similar length are batched together and the batches
-        shuffled. Padding a batch to its longest example then wastes little compute (the
-        local engine pads; see bench/throughput.py), and which examples share a step is still
-        random beyond the window."""
-        if epoch not in self._epochs:
-            rng = np.random.default_rng([self.cfg.seed, epoch])
-            size = self.cfg.batch
-            order = rng.permutation(len(self.examples))[:self.steps_per_epoch * size]
-            batches = []
-            for w in range(0, len(order), 16 * size):
-                window = sorted(order[w:w + 16 * size], key=lambda j: self.examples[j].model_input.length)
-                batches += [window[i:i + size] for i in range(0, len(window), size)]
-            self._epochs = {epoch: [batches[k] for k in rng.permutation(len(batches))]}
-        return self._epochs[epoch]
+    def finished(self) -> RunSummary | None:
+        """After open(): the summary of a run that already trained to the end (see trained_before)."""
+        return self.trained_before() if self.first_step > self.total_steps else None
 
     def batch(self, step: int) -> list[types.Datum]:
         """The examples of 1-based `step`, a function of the data, the seed and the step."""
         epoch, i = divmod(step - 1, self.steps_per_epoch)
-        return [self.examples[j] for j in self._epoch(epoch)[i]]
+        if self._epoch is None or self._epoch[0] != epoch:
+            lengths = [d.model_input.length for d in self.examples]
+            self._epoch = (epoch, epoch_batches(lengths, self.settings.batch, self.settings.seed, epoch))
+        return [self.examples[j] for j in self._epoch[1][i]]
 
     def learning_rate(self, step: int) -> float:
-        return self.cfg.learning_rate * (1 - (step - 1) / self.total_steps)  # linear decay to ~0
+        return learning_rate(self.settings.learning_rate, step, self.total_steps)
 
     def saves_at(self, step: int) -> bool:
-        return bool(self.cfg.save_every) and step % self.cfg.save_every == 0
+        return bool(self.settings.save_every) and step % self.settings.save_every == 0
 
     def _submit(self, step: int, batch: list[types.Datum]) -> tuple:
-        cfg = self.cfg
-        adam = types.AdamParams(learning_rate=self.learning_rate(step), beta1=cfg.beta1,
-                                beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        s = self.settings
+        adam = types.AdamParams(learning_rate=self.learning_rate(step), beta1=s.beta1, beta2=s.beta2,
+                                eps=s.eps, weight_decay=s.weight_decay)
         # Both are submitted before either is awaited: on Tinker they then share a clock cycle.
         return self.engine.forward_backward(batch, "cross_entropy"), self.engine.optim_step(adam)
 
@@ -281,8 +288,8 @@ class TrainingRun:
         fb, opt = self.queued.pop(step, None) or self._submit(step, batch)
         # On a remote engine the next step is queued before this one is awaited, so the
         # service has it for its next clock cycle instead of idling while the results travel
-        # back (awaiting each call in turn costs three cycles a step, ARCHITECTURE.md). Not past
-        # a checkpoint or the end: a save or a held-out measure must see this step's weights.
+        # back (awaiting each call in turn costs three cycles a step). Not past a checkpoint
+        # or the end: a save or a held-out measure must see this step's weights.
         if self.engine.remote and step < self.total_steps and not self.saves_at(step):
             self.queued[step + 1] = self._submit(step + 1, self.batch(step + 1))
         out = fb.result()
@@ -294,10 +301,10 @@ class TrainingRun:
         call may have applied forward_backward, or optim_step, or left a Tinker client stuck.
         Restore the newest saved state up to `done` (or start afresh from the seed) and replay
         the steps since, with the same batches."""
-        states = [e for e in self.saved if e["state_path"] and e["step"] <= done]
+        states = [e for e in self.saved if e.state_path and e.step <= done]
         if states:
-            self.engine.load_state(states[-1]["state_path"])
-            start = states[-1]["step"]
+            self.engine.load_state(states[-1].state_path)
+            start = states[-1].step
         else:
             self.engine.close("errored")
             self.engine = self._new_engine()
@@ -306,7 +313,11 @@ class TrainingRun:
             self._apply(k, self.batch(k))
 
     def close(self, status: str = "success") -> None:
-        self.engine.close(status)
+        """Ends the engine's session and releases the run folder."""
+        if self.engine is not None:
+            self.engine.close(status)
+            self.engine = None
+        self.folder.unlock()
 
     def _guarded(self, done: int, where: str, action):
         """Run `action()` on an engine in the state after step `done`. If it fails, the engine
@@ -328,20 +339,24 @@ class TrainingRun:
         start = time.monotonic()
         batch = self.batch(step)
         out = self._guarded(step - 1, f"step {step}", lambda: self._apply(step, batch))
+        self.done = step
         tokens = trained_tokens(batch)
-        record = {"step": step, "loss": out.metrics["loss:sum"] / tokens, "tokens": int(tokens),
+        loss = out.metrics["loss:sum"] / tokens
+        if not math.isfinite(loss):
+            last = next((f"{e.name} (step {e.step})" for e in reversed(self.saved) if e.state_path), "none")
+            raise PipelineError(f"step {step}: the training loss is {loss} (not a finite number): training "
+                                f"diverged. Nothing from this step on is saved; the last good checkpoint is {last}. "
+                                "Lower --learning-rate and train again with --start-over.")
+        record = {"step": step, "loss": loss, "tokens": int(tokens),
                   "lr": self.learning_rate(step), "time_s": round(time.monotonic() - start, 4)}
         self.log.append(record)
-        write_json(self.run_dir / "training_log.json", self.log)
+        self.folder.write_log(self.log)
         return record
 
-    def _register(self, name: str, step: int, state_path=None, sampler_path=None) -> dict:
-        entry = {"name": name, "step": step, "state_path": state_path, "sampler_path": sampler_path,
-                 "time": datetime.now().isoformat(timespec="seconds")}
-        with open(self.run_dir / "checkpoints.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-        self.saved.append(entry)
-        return entry
+    def _register(self, record: CheckpointRecord) -> CheckpointRecord:
+        self.folder.register(record)
+        self.saved = [e for e in self.saved if e.name != record.name] + [record]
+        return record
 
     def validate(self, step: int) -> dict | None:
         """Mean per-token loss on the held-out examples, and on as many training examples, with
@@ -349,7 +364,7 @@ class TrainingRun:
         batches in flight together."""
         if not self.val_examples or any(r["step"] == step for r in self.val_log):
             return None
-        size = self.cfg.batch
+        size = self.settings.batch
 
         def measure() -> list[float]:
             # Sorted by length, so that each chunk pads little; the sum does not depend on order.
@@ -359,61 +374,66 @@ class TrainingRun:
             return [sum(call.result().metrics["loss:sum"] for call in group) for group in calls]
         val_sum, train_sum = self._guarded(step, f"validation at step {step}", measure)
         val_loss = val_sum / trained_tokens(self.val_examples)
+        if not math.isfinite(val_loss):
+            raise PipelineError(f"the held-out loss after step {step} is {val_loss} (not a finite number): "
+                                "training diverged. Lower --learning-rate and train again with --start-over.")
         record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                   "train_loss": train_sum / trained_tokens(self.train_sample)}
         self.val_log.append(record)
-        write_json(self.run_dir / "validation_log.json", self.val_log)
+        self.folder.write_val_log(self.val_log)
         return record
 
+    def _save_state(self, name: str, step: int, where: str) -> str:
+        """A saved state, marked with its step (checked on resume) before it is registered."""
+        path = self._guarded(step, where, lambda: self.engine.save_state(name).result())
+        self.folder.record_step(name, step)
+        self._register(CheckpointRecord(name, step, state_path=path))
+        return path
+
     def save_checkpoint(self, step: int) -> str:
-        name = f"checkpoint_step_{step}"
-        path = self._guarded(step, f"checkpoint at step {step}", lambda: self.engine.save_state(name).result())
-        self._register(name, step, state_path=path)
+        path = self._save_state(checkpoint_name(step), step, f"checkpoint at step {step}")
         self.validate(step)
         return path
 
     def _best(self) -> dict | None:
         """The saved weights with the lowest held-out loss, recorded in best_lora_weights.json."""
-        weights = {e["step"]: e for e in self.saved if e["name"].startswith("checkpoint_step_")}
-        weights[len(self.log)] = {"name": "final_lora_weights", "step": len(self.log),
-                                  "state_path": str(self.run_dir / "final_lora_weights")}
+        weights = {e.step: (e.name, e.state_path) for e in self.saved if e.is_checkpoint}
+        weights[self.done] = (FINAL, str(self.run_dir / FINAL))
         scored = [r for r in self.val_log if r["step"] in weights]
         if not scored:
             return None
         best = min(scored, key=lambda r: r["val_loss"])
-        entry = weights[best["step"]]
-        record = {"name": entry["name"], "step": best["step"], "val_loss": best["val_loss"],
-                  "path": entry["state_path"]}
-        write_json(self.run_dir / "best_lora_weights.json", record)
+        name, path = weights[best["step"]]
+        record = {"name": name, "step": best["step"], "val_loss": best["val_loss"], "path": path}
+        self.folder.write_best(record)
         return record
 
-    def finish(self) -> dict:
-        steps = len(self.log)
+    def finish(self) -> RunSummary:
+        steps = self.done
         final = self._guarded(steps, "the final weights",
-                              lambda: self.engine.save_weights_for_sampler("final_lora_weights").result())
-        self._register("final_lora_weights", steps, sampler_path=final)
-        state = self._guarded(steps, "the final state", lambda: self.engine.save_state("training_state").result())
-        self._register("training_state", steps, state_path=state)
+                              lambda: self.engine.save_weights_for_sampler(FINAL).result())
+        self._register(CheckpointRecord(FINAL, steps, sampler_path=final))
+        self._save_state(STATE, steps, "the final state")
         self.validate(steps)
-        base = next((r["val_loss"] for r in self.val_log if r["step"] == 0), None)
-        summary = {
-            "run_dir": str(self.run_dir), "final_lora_weights": str(self.run_dir / "final_lora_weights"),
-            "checkpoints": self.saved, "backend": self.backend, "base_model": self.base_model,
-            "steps": steps, "first_loss": self.log[0]["loss"], "last_loss": self.log[-1]["loss"],
-            "tokens": sum(r["tokens"] for r in self.log),
-            "val_loss_base": base, "val_loss_final": self.val_log[-1]["val_loss"] if self.val_log else None,
-            "best": self._best(),
-            "time_s": round(time.monotonic() - self.started, 2),
-        }
-        write_json(self.run_dir / "summary.json", summary)
+        summary = RunSummary(
+            run_dir=str(self.run_dir), final_lora_weights=str(self.run_dir / FINAL), checkpoints=list(self.saved),
+            backend=self.backend, base_model=self.base_model, steps=steps,
+            first_loss=self.log[0]["loss"], last_loss=self.log[-1]["loss"],
+            tokens=sum(r["tokens"] for r in self.log),
+            val_loss_base=next((r["val_loss"] for r in self.val_log if r["step"] == 0), None),
+            val_loss_final=self.val_log[-1]["val_loss"] if self.val_log else None,
+            best=self._best(), time_s=round(time.monotonic() - self.started, 2),
+            final_sha256=folder_sha256(self.run_dir / FINAL))
+        self.folder.write_summary(summary)
         return summary
 
 
 def train(run: TrainingRun, step=TrainingRun.step, save=TrainingRun.save_checkpoint,
-          finish=TrainingRun.finish, validate=TrainingRun.validate) -> dict:
-    """Train to the end and return the run's summary. `step`, `save`, `finish` and `validate`
-    are called as `step(run, n)`, `save(run, n)`, `finish(run)`, `validate(run, 0)`; the Prefect
-    layer passes tasks here so that each is a task run of its own, retried on its own."""
+          finish=TrainingRun.finish, validate=TrainingRun.validate) -> RunSummary:
+    """Train an opened run to the end and return its summary. `step`, `save`, `finish` and
+    `validate` are called as `step(run, n)`, `save(run, n)`, `finish(run)`, `validate(run, 0)`;
+    the Prefect layer passes tasks here so that each is a task run of its own, retried on its
+    own."""
     done = run.finished()
     if done:
         return done

@@ -15,7 +15,7 @@ from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 from prefect.tasks import exponential_backoff
 
-from lora_pipeline.data import file_sha256
+from lora_pipeline.data import file_sha256, folder_sha256
 
 from lora_pipeline.engines import retryable
 from lora_pipeline.engines.tinker_engine import take_sdk_retries
@@ -30,6 +30,32 @@ def _retry_if_transient(task, task_run, state) -> bool:
 
 RETRY = dict(retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=_FIRST_DELAY),
              retry_jitter_factor=0.5, retry_condition_fn=_retry_if_transient)
+
+
+def training_limit(backend: str) -> str:
+    """The Prefect global concurrency limit that trainings on `backend` take a slot of."""
+    return f"lora-pipeline-{backend}-trainings"
+
+
+def set_training_limits(tinker: int | None = None, local: int | None = None) -> None:
+    """Makes the training limits exist: with the given sizes, or, for one not given, with its
+    default (SweepSettings') unless it already exists. Sizes can be changed in the UI too."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from lora_pipeline.settings import SweepSettings
+
+    defaults = SweepSettings()
+    with get_client(sync_client=True) as client:
+        for backend, size, default in (("tinker", tinker, defaults.tinker_sessions),
+                                       ("local", local, defaults.local_trainings)):
+            if size is None:
+                try:
+                    client.read_global_concurrency_limit_by_name(training_limit(backend))
+                    continue
+                except ObjectNotFound:
+                    size = default
+            client.upsert_global_concurrency_limit_by_name(training_limit(backend), size)
 
 
 def sdk_retries_logged(fn):
@@ -57,10 +83,16 @@ def cached_on_content(files):
             path = Path(name) if name else None
             if path is None or not path.exists():
                 continue
-            for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-                digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{file_sha256(f)}".encode())
+            digest.update(f"{path.name}:{folder_sha256(path) if path.is_dir() else file_sha256(path)}".encode())
         return digest.hexdigest()
     return TASK_SOURCE + INPUTS + CacheKeyFnPolicy(cache_key_fn=content_key)
+
+
+def stored_in(task, output_dir: str):
+    """`task` with its results and cache records in `output_dir`/.prefect-results, beside the
+    run folders and the prepared data: workers that share the output folder (a mounted
+    volume) share the cache too, and a run resumed elsewhere finds its finished stages."""
+    return task.with_options(result_storage=Path(output_dir).resolve() / ".prefect-results")
 
 
 def unless_gone(task, produced, *args):

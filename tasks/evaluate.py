@@ -1,21 +1,33 @@
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from lora_pipeline.evaluate import run_test
+from lora_pipeline.settings import EvaluateSettings
 
 from . import RETRY, cached_on_content, sdk_retries_logged
 
 
-@task(name="evaluate-adapter", cache_policy=cached_on_content(lambda p: [p["lora_weights"], p["test_prompts"]]),
+@task(name="evaluate-adapter",
+      cache_policy=cached_on_content(lambda p: [p["settings"].lora_weights, p["settings"].test_prompts]),
       persist_result=True, **RETRY)
 @sdk_retries_logged
-def evaluate_adapter(lora_weights: str, output: str, test_prompts: str | None = None,
-                     base_model: str | None = None, compare_base: bool = False,
-                     max_tokens: int = 150, temperature: float = 0.7, seed: int = 0,
-                     request_timeout: float = 120.0) -> str:
-    """Samples LoRA (and base) answers to the test prompts; returns the results file."""
-    result = run_test(lora_weights, output, test_prompts, base_model=base_model,
-                      compare_base=compare_base, max_tokens=max_tokens, temperature=temperature,
-                      seed=seed, request_timeout=request_timeout)
-    get_run_logger().info("%d prompts answered by the LoRA%s -> %s", len(result["results"]),
-                          " and the base model" if compare_base else "", output)
-    return output
+def evaluate_adapter(settings: EvaluateSettings) -> str:
+    """Samples LoRA (and base) answers to the test prompts; returns the results file. Each
+    batch of answers is logged and advances the `lora-pipeline-evaluation` progress artifact."""
+    logger = get_run_logger()
+    sides = 2 if settings.compare_base else 1
+    progress = create_progress_artifact(0.0, key="lora-pipeline-evaluation",
+                                        description="answering the test prompts")
+    finished = {"lora": 0, "base": 0}
+
+    def answered(who: str, done: int, total: int, tokens: int, seconds: float) -> None:
+        finished[who] = done
+        name = "LoRA" if who == "lora" else "base model"
+        said = f"{name}: {done}/{total} prompts answered, {tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tokens/s"
+        logger.info(said)
+        update_progress_artifact(progress, 100 * sum(finished.values()) / (sides * total), description=said)
+
+    result = run_test(settings, answered)
+    logger.info("%d prompts answered by the LoRA%s -> %s", len(result["results"]),
+                " and the base model" if settings.compare_base else "", settings.output)
+    return settings.output

@@ -1,20 +1,27 @@
 from prefect import get_run_logger, task
+from prefect.concurrency.sync import concurrency
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 
-from lora_pipeline.train import TrainConfig, TrainingRun, train
+from lora_pipeline.engines import choose_backend
+from lora_pipeline.run_folder import RunSummary
+from lora_pipeline.settings import TrainSettings
+from lora_pipeline.train import TrainingRun, train
 
-from . import RETRY, cached_on_content, sdk_retries_logged
+from . import RETRY, sdk_retries_logged, set_training_limits, training_limit
 
 # The run (engine, model, optimizer) is passed between these tasks in memory: it is neither
-# hashable for a cache key nor worth persisting, hence NO_CACHE.
+# hashable for a cache key nor worth persisting, hence NO_CACHE. They are called from the flow,
+# not from a task: a task's failure rolls back the transaction of the task it runs in, and
+# with it every task that had completed there (shown as RolledBack, results not kept).
 
 
 @task(name="start-training", cache_policy=NO_CACHE, **RETRY)
 @sdk_retries_logged
-def start_training(config: dict) -> TrainingRun:
+def start_training(settings: TrainSettings) -> TrainingRun:
     """Checks the inputs, starts the engine (a Tinker session), makes the run folder."""
-    run = TrainingRun(TrainConfig(**config))
+    run = TrainingRun(settings).open()
     get_run_logger().info(run.describe())
     return run
 
@@ -49,27 +56,45 @@ def validate_base(run: TrainingRun, n: int) -> dict | None:
 
 @task(name="save-final-weights", cache_policy=NO_CACHE, **RETRY)
 @sdk_retries_logged
-def finish_training(run: TrainingRun) -> dict:
+def finish_training(run: TrainingRun) -> RunSummary:
     summary = run.finish()
     logger = get_run_logger()
-    for entry in summary["checkpoints"]:
-        logger.info("%s (step %d): %s", entry["name"], entry["step"],
-                    entry["state_path"] or entry["sampler_path"])
+    for entry in summary.checkpoints:
+        logger.info("%s (step %d): %s", entry.name, entry.step, entry.path)
     return summary
 
 
-@task(name="train-adapter",
-      cache_policy=cached_on_content(lambda p: [p["config"]["data"], p["config"].get("val_data")]),
-      persist_result=True)
-def train_adapter(config: dict) -> dict:
-    """Trains a LoRA from a prepared data file; returns the run's summary (paths, losses).
-    The same data and config again give the cached summary: the adapter is not retrained."""
-    run = start_training(config)
+@task(name="find-finished-training", cache_policy=NO_CACHE)
+def find_finished_training(settings: TrainSettings):
+    """The summary of this training if its run folder holds it finished (same data, settings and
+    final weights), shown as Cached; else None. The run folder is the training's cache: it is
+    named after the data and settings, so every worker that shares the output folder finds it."""
+    summary = TrainingRun(settings).trained_before()
+    if summary is None:
+        return None
+    return Completed(name="Cached", message=f"already trained: {summary.run_dir}", data=summary)
+
+
+def train_adapter(settings: TrainSettings) -> RunSummary:
+    """Trains a LoRA from a prepared data file (or finds it trained); returns the run's
+    summary. Each part is a task of the flow's own (start, base validation, each step and
+    checkpoint, the final weights), so that a retried step leaves the others as they were.
+    Trainings wait for a slot of their engine's concurrency limit (see training_limit)."""
+    summary = find_finished_training(settings, return_state=True).result()
+    if summary is not None:
+        return summary
+    set_training_limits()
+    with concurrency(training_limit(choose_backend(settings.backend)), occupy=1):
+        return _train(settings)
+
+
+def _train(settings: TrainSettings) -> RunSummary:
+    run = start_training(settings)
     # Prefect's task timeout is a backstop behind the engine's own deadlines (it cannot stop a
     # thread blocked in a socket). A step's calls are each bounded by request_timeout; after a
     # failure, a step also replays the steps since the last checkpoint, two calls each.
     backstop = None if run.backend == "local" else \
-        (2 * max(run.cfg.save_every, 1) + 6) * run.cfg.request_timeout
+        (2 * max(run.settings.save_every, 1) + 6) * run.settings.request_timeout
     step = train_step.with_options(timeout_seconds=backstop)
 
     def step_with_progress(run: TrainingRun, n: int) -> dict:
@@ -90,5 +115,5 @@ def train_adapter(config: dict) -> dict:
         run.close("errored")
         raise
     run.close()
-    get_run_logger().info("final LoRA weights: %s", summary["final_lora_weights"])
+    get_run_logger().info("final LoRA weights: %s", summary.final_lora_weights)
     return summary

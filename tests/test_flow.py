@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from flows.pipeline import lora_pipeline
+from lora_pipeline.flows.pipeline import lora_pipeline
 
 
 async def _task_runs_and_artifacts(flow_run_id):
@@ -29,15 +29,15 @@ def test_pipeline_flow_runs_every_stage_as_tasks(prefect_harness, tmp_path, smal
     assert state.is_completed(), state
     result = state.result()
     run = tmp_path / "runs" / "flow"
-    assert result["run_dir"] == str(run) and result["backend"] == "local"
+    assert result["summary"].run_dir == str(run) and result["summary"].backend == "local"
     assert json.loads((run / "results.json").read_text())["results"][0]["base_response"]
     assert result["report"] == str(run / "report.html") and (run / "loss.png").exists()
     report = (run / "report.md").read_text()
-    assert report.count("| What is 2 plus 3? |") == 1
+    assert report.count("> What is 2 plus 3?") == 1
     assert "## Held-out loss" in report and "| 0 (base) |" in report  # on the 5% validation split
     assert "On held-out data the LoRA" in report
-    assert (tmp_path / "runs" / "data" / "small_10000.jsonl").exists()
-    assert (tmp_path / "runs" / "data" / "small_10000.val.jsonl").exists()  # 5% held out
+    assert (tmp_path / "runs" / "data" / "small_all.jsonl").exists()
+    assert (tmp_path / "runs" / "data" / "small_all.val.jsonl").exists()  # 5% held out
 
     runs, artifacts = asyncio.run(_task_runs_and_artifacts(state.state_details.flow_run_id))
     names = {r.name for r in runs}
@@ -78,11 +78,11 @@ def test_a_rerun_reuses_finished_stages_and_a_changed_byte_redoes_them(prefect_h
     first = lora_pipeline(**params, return_state=True)
     # Without test prompts, the held-out conversations' prompts are answered.
     held_out = [json.loads(line)["messages"][:-1]
-                for line in (tmp_path / "runs" / "data" / "small_10000.val.jsonl").read_text().splitlines()]
+                for line in (tmp_path / "runs" / "data" / "small_all.val.jsonl").read_text().splitlines()]
     results = json.loads(Path(first.result()["results"]).read_text())["results"]
     assert [r["prompt"] for r in results] == held_out and held_out
     second = lora_pipeline(**params, return_state=True)
-    assert second.result()["run_dir"] == first.result()["run_dir"]
+    assert second.result()["summary"].run_dir == first.result()["summary"].run_dir
     assert _task_states(second.state_details.flow_run_id) == {
         "prepare-data": "Cached", "train-adapter": "Cached", "evaluate-adapter": "Cached",
         "write-report": "Completed"}
@@ -97,5 +97,5 @@ def test_a_rerun_reuses_finished_stages_and_a_changed_byte_redoes_them(prefect_h
     # One byte in every answer, so that the training split changes whatever the validation split holds.
     small_data.write_bytes(small_data.read_bytes().replace(b"Arr!", b"Arr?"))
     third = lora_pipeline(**params, return_state=True)
-    assert third.result()["run_dir"] != first.result()["run_dir"]
+    assert third.result()["summary"].run_dir != first.result()["summary"].run_dir
     assert set(_task_states(third.state_details.flow_run_id).values()) == {"Completed"}

@@ -8,7 +8,9 @@ import re
 
 from lora_pipeline.evaluate import compare
 from lora_pipeline.report import checkpoint_rows, loss_figure, overfitting, shares_span, write_report
-from lora_pipeline.train import TrainConfig, TrainingRun, train
+from lora_pipeline.run_folder import CheckpointRecord, RunSummary
+from lora_pipeline.settings import SampleSettings, TrainSettings
+from lora_pipeline.train import TrainingRun, train
 
 
 def test_shares_span_finds_a_50_character_run_wherever_it_starts():
@@ -23,10 +25,13 @@ def test_shares_span_finds_a_50_character_run_wherever_it_starts():
 
 def test_checkpoint_rows_put_training_and_held_out_loss_side_by_side():
     log = [{"step": s, "loss": 4.0 - s} for s in range(1, 5)]
-    summary = {"checkpoints": [{"name": "checkpoint_step_2", "step": 2, "state_path": "a", "sampler_path": None},
-                               {"name": "final_lora_weights", "step": 4, "state_path": None, "sampler_path": "b"},
-                               {"name": "training_state", "step": 4, "state_path": "c", "sampler_path": None}],
-               "best": {"name": "checkpoint_step_2"}}
+    summary = RunSummary(
+        run_dir="r", final_lora_weights="r/final_lora_weights", backend="local", base_model="m", steps=4,
+        first_loss=3.0, last_loss=0.0, tokens=100, val_loss_base=4.0, val_loss_final=3.2, time_s=1.0,
+        checkpoints=[CheckpointRecord("checkpoint_step_2", 2, state_path="a"),
+                     CheckpointRecord("final_lora_weights", 4, sampler_path="b"),
+                     CheckpointRecord("training_state", 4, state_path="c")],
+        best={"name": "checkpoint_step_2"})
     val_log = [{"step": 0, "val_loss": 4.0, "train_loss": 4.1}, {"step": 2, "val_loss": 3.0, "train_loss": 2.5},
                {"step": 4, "val_loss": 3.2, "train_loss": 0.6}]
     rows = checkpoint_rows(summary, log, val_log)
@@ -50,13 +55,13 @@ def test_report_html_shows_the_run_as_logged(tmp_path, small_data):
     lines = small_data.read_text().splitlines(keepends=True)
     small_data.write_text("".join(lines[:32]))
     val.write_text("".join(lines[32:]))
-    run = TrainingRun(TrainConfig(data=str(small_data), val_data=str(val), batch=4, max_steps=4, save_every=2,
+    run = TrainingRun(TrainSettings(data=str(small_data), val_data=str(val), batch=4, max_steps=4, save_every=2,
                                   learning_rate=5e-4, output_dir=str(tmp_path / "runs"), backend="local",
-                                  run_name="r"))
+                                  run_name="r")).open()
     summary = train(run)
     run.close()
     prompts = [[{"role": "user", "content": "What is 2 < 3 & why?"}], [{"role": "user", "content": "Hello!"}]]
-    results = compare(summary["final_lora_weights"], prompts, compare_base=True, max_tokens=8)
+    results = compare(summary.final_lora_weights, prompts, SampleSettings(compare_base=True, max_tokens=8))
     report = write_report(summary, results)
 
     run_dir = tmp_path / "runs" / "r"
@@ -90,8 +95,8 @@ def test_report_html_shows_the_run_as_logged(tmp_path, small_data):
     assert "What is 2 &lt; 3 &amp; why?" in page
 
     # The summary: held-out loss of base, LoRA and best, the checkpoints, the signals.
-    assert f"{summary['val_loss_base']:.4f}" in page and f"{summary['val_loss_final']:.4f}" in page
+    assert f"{summary.val_loss_base:.4f}" in page and f"{summary.val_loss_final:.4f}" in page
     assert "checkpoint_step_2" in page and "final_lora_weights" in page
-    assert "verbatim" in page and f"{summary['tokens']:,}" in page
+    assert "verbatim" in page and f"{summary.tokens:,}" in page
     assert report["metrics"]["verbatim"].keys() == {"lora", "base"}
     assert (run_dir / "report.md").read_text() == report["markdown"]

@@ -13,7 +13,8 @@ import pytest
 from safetensors.torch import load_file
 
 from lora_pipeline.errors import PipelineError
-from lora_pipeline.train import TrainConfig, TrainingRun, train
+from lora_pipeline.settings import TrainSettings
+from lora_pipeline.train import TrainingRun, train
 
 CLI = str(Path(sys.executable).parent / "lora-pipeline")
 
@@ -23,7 +24,7 @@ class Crash(Exception):
 
 
 def config(data, out, name, **kw):
-    return TrainConfig(**{"data": str(data), "batch": 4, "max_steps": 6, "save_every": 2,
+    return TrainSettings(**{"data": str(data), "batch": 4, "max_steps": 6, "save_every": 2,
                           "learning_rate": 5e-4, "output_dir": str(out), "backend": "local",
                           "run_name": name, **kw})
 
@@ -53,16 +54,16 @@ def clean_run(tmp_path_factory):
     data = out / "data.jsonl"
     sample = Path(__file__).parent.parent / "data" / "sample" / "persona_train.jsonl"
     data.write_text("".join(sample.read_text().splitlines(keepends=True)[:40]))
-    train(TrainingRun(config(data, out, "clean")))
+    train(TrainingRun(config(data, out, "clean")).open())
     return data, out / "clean"
 
 
 def test_a_crashed_run_continues_exactly_where_it_stopped(tmp_path, clean_run):
     data, clean = clean_run
     with pytest.raises(Crash):
-        train(TrainingRun(config(data, tmp_path, "r")), step=crash_at(5))
+        train(TrainingRun(config(data, tmp_path, "r")).open(), step=crash_at(5))
     assert steps_logged(tmp_path / "r") == [1, 2, 3, 4]
-    run = TrainingRun(config(data, tmp_path, "r"))
+    run = TrainingRun(config(data, tmp_path, "r")).open()
     assert run.first_step == 5 and "continuing after step 4 of 6" in run.describe()
     train(run)
     assert steps_logged(tmp_path / "r") == [1, 2, 3, 4, 5, 6]
@@ -72,14 +73,14 @@ def test_a_crashed_run_continues_exactly_where_it_stopped(tmp_path, clean_run):
 def test_a_damaged_newest_checkpoint_is_reported_and_skipped(tmp_path, clean_run):
     data, clean = clean_run
     with pytest.raises(Crash):
-        train(TrainingRun(config(data, tmp_path, "r")), step=crash_at(6))
+        train(TrainingRun(config(data, tmp_path, "r")).open(), step=crash_at(6))
     run_dir = tmp_path / "r"
     adapter = run_dir / "checkpoint_step_4" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:1000])  # truncated, as by a full disk
     (run_dir / ".tmp-checkpoint_step_6-x").mkdir()  # a save cut short by a kill
     with open(run_dir / "checkpoints.jsonl", "a") as f:
         f.write('{"name": "checkpoint_st')  # a registry line cut short
-    run = TrainingRun(config(data, tmp_path, "r"))
+    run = TrainingRun(config(data, tmp_path, "r")).open()
     notes = run.describe()
     assert "checkpoint_step_4 cannot be loaded" in notes and "continuing after step 2" in notes
     assert "removed half-written .tmp-checkpoint_step_6-x" in notes
@@ -92,24 +93,24 @@ def test_a_damaged_newest_checkpoint_is_reported_and_skipped(tmp_path, clean_run
 def test_a_finished_run_is_not_trained_again(tmp_path, clean_run):
     data, clean = clean_run
     before = (clean / "summary.json").read_text()
-    run = TrainingRun(config(data, clean.parent, "clean"))
-    assert train(run) == json.loads(before)
+    run = TrainingRun(config(data, clean.parent, "clean")).open()
+    assert train(run).to_json() == json.loads(before)
     assert steps_logged(clean) == [1, 2, 3, 4, 5, 6]
 
 
 def test_other_data_or_settings_are_refused_unless_starting_over(tmp_path, clean_run):
     data, clean = clean_run
     with pytest.raises(PipelineError, match=r"learning_rate 0.0005 -> 0.001.*--start-over"):
-        TrainingRun(config(data, clean.parent, "clean", learning_rate=1e-3))
+        TrainingRun(config(data, clean.parent, "clean", learning_rate=1e-3)).open()
     changed = tmp_path / "data.jsonl"
     changed.write_bytes(data.read_bytes().replace(b"Arr!", b"Arr?", 1))  # one byte
     with pytest.raises(PipelineError, match="data_sha256"):
-        TrainingRun(config(changed, clean.parent, "clean"))
+        TrainingRun(config(changed, clean.parent, "clean")).open()
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text(json.dumps({"batch": 4}))  # an older version's
     with pytest.raises(PipelineError, match="another version of lora-pipeline"):
-        TrainingRun(config(data, tmp_path, "r"))
-    run = TrainingRun(config(data, tmp_path, "r", start_over=True, max_steps=2))
+        TrainingRun(config(data, tmp_path, "r")).open()
+    run = TrainingRun(config(data, tmp_path, "r", start_over=True, max_steps=2)).open()
     assert run.first_step == 1 and not (tmp_path / "r" / "training_log.json").exists()
 
 

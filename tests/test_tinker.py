@@ -9,7 +9,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
-from flows.pipeline import lora_pipeline
+from lora_pipeline.flows.pipeline import lora_pipeline
 from lora_pipeline.models import SMOLLM2, load_tokenizer
 from tinker_server import TinkerTestServer
 

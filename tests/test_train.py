@@ -7,16 +7,17 @@ import pytest
 from conftest import PROMPTS, SAMPLE
 from lora_pipeline.errors import PipelineError
 from lora_pipeline.evaluate import compare, load_prompts
-from lora_pipeline.train import TrainConfig, TrainingRun, train
+from lora_pipeline.settings import SampleSettings, TrainSettings
+from lora_pipeline.train import TrainingRun, epoch_batches, learning_rate, train
 
 
 def test_run_folder_layout_and_log(tmp_path, small_data, monkeypatch):
     monkeypatch.setenv("TINKER_API_KEY", "tml-do-not-leak-this")
     val = tmp_path / "val.jsonl"
     val.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[-10:]))
-    cfg = TrainConfig(data=str(small_data), batch=4, max_steps=4, save_every=2, learning_rate=5e-4,
+    cfg = TrainSettings(data=str(small_data), batch=4, max_steps=4, save_every=2, learning_rate=5e-4,
                       output_dir=str(tmp_path), backend="local", run_name="r1", val_data=str(val))
-    summary = train(TrainingRun(cfg))
+    summary = train(TrainingRun(cfg).open())
     run = tmp_path / "r1"
     assert sorted(p.name for p in run.iterdir()) == [
         "best_lora_weights.json", "checkpoint_step_2", "checkpoint_step_4", "checkpoints.jsonl",
@@ -25,7 +26,7 @@ def test_run_folder_layout_and_log(tmp_path, small_data, monkeypatch):
     val_log = json.loads((run / "validation_log.json").read_text())
     assert [r["step"] for r in val_log] == [0, 2, 4]
     assert val_log[-1]["val_loss"] < val_log[0]["val_loss"]  # better than the base on held-out data
-    assert summary["val_loss_base"] == val_log[0]["val_loss"]
+    assert summary.val_loss_base == val_log[0]["val_loss"]
     best = json.loads((run / "best_lora_weights.json").read_text())
     assert best["val_loss"] == min(r["val_loss"] for r in val_log[1:])
     log = json.loads((run / "training_log.json").read_text())
@@ -34,7 +35,7 @@ def test_run_folder_layout_and_log(tmp_path, small_data, monkeypatch):
     assert log[0]["lr"] == 5e-4 and log[-1]["lr"] < log[0]["lr"]
     config = json.loads((run / "config.json").read_text())
     assert config["backend"] == "local" and config["total_steps"] == 4 and config["batch"] == 4
-    assert summary["final_lora_weights"] == str(run / "final_lora_weights")
+    assert summary.final_lora_weights == str(run / "final_lora_weights")
     registry = [json.loads(line) for line in (run / "checkpoints.jsonl").read_text().splitlines()]
     assert [(e["name"], e["step"]) for e in registry] == [
         ("checkpoint_step_2", 2), ("checkpoint_step_4", 4), ("final_lora_weights", 4),
@@ -46,46 +47,50 @@ def test_run_folder_layout_and_log(tmp_path, small_data, monkeypatch):
             assert b"do-not-leak" not in path.read_bytes(), path
 
 
-def test_batches_are_a_function_of_data_seed_and_step(tmp_path, small_data):
-    def run(name, seed=0):
-        return TrainingRun(TrainConfig(data=str(small_data), batch=8, output_dir=str(tmp_path),
-                                       backend="local", run_name=name, seed=seed))
-    a, b, c = run("a"), run("b"), run("c", seed=1)
-    assert a.total_steps == 5  # max_steps 0: one epoch of 40 // 8
-    ids = lambda r, s: [d.model_input.to_ints() for d in r.batch(s)]  # noqa: E731
-    assert all(ids(a, s) == ids(b, s) for s in range(1, 11))
-    assert ids(a, 1) != ids(c, 1)
-    epoch = [tuple(t) for s in range(1, 6) for t in ids(a, s)]
-    assert len(set(epoch)) == 40  # every example once per epoch
-    assert ids(a, 6) != ids(a, 1)  # and a new order the next
+def test_batches_are_a_function_of_data_seed_and_epoch():
+    lengths = [(7 * i) % 50 + 10 for i in range(40)]
+    a, b, c = (epoch_batches(lengths, 8, seed, 0) for seed in (0, 0, 1))
+    assert a == b and a != c
+    assert len(a) == 5 and all(len(batch) == 8 for batch in a)  # one epoch of 40 // 8
+    assert sorted(j for batch in a for j in batch) == list(range(40))  # every example once per epoch
+    assert epoch_batches(lengths, 8, 0, 1) != a  # and a new order the next
+    # Within a window, similar lengths share a batch: padding is far below a random split's.
+    padding = lambda batches: sum(max(lengths[j] for j in b) * len(b) - sum(lengths[j] for j in b)  # noqa: E731
+                                  for b in batches)
+    assert padding(a) < 0.2 * padding([list(range(k, k + 8)) for k in range(0, 40, 8)])
+    assert len(epoch_batches(lengths[:43], 8, 0, 0)) == 5  # the last partial batch is dropped
+
+
+def test_learning_rate_decays_linearly_from_its_peak():
+    assert [learning_rate(1e-3, s, 4) for s in (1, 2, 3, 4)] == [1e-3, 7.5e-4, 5e-4, 2.5e-4]
 
 
 @pytest.mark.parametrize("change, message", [
     ({"data": "missing.jsonl"}, "file not found"),
-    ({"backend": "gpu"}, "unknown backend"),
+    ({"backend": "gpu"}, "choose one of auto, local, tinker"),
     ({"base_model": "no/such-model-here"}, "hub cannot be reached"),
     ({"backend": "tinker"}, "Missing TINKER_API_KEY"),
-    ({"batch": 0}, "--batch must be at least 1"),
+    ({"batch": 0}, r"--batch \(batch\) 0: must be at least 1"),
     ({"batch": 41}, "fewer than one batch"),
 ])
 def test_bad_inputs_fail_before_a_run_folder_exists(tmp_path, small_data, change, message):
-    cfg = TrainConfig(**{"data": str(small_data), "output_dir": str(tmp_path / "out"),
+    cfg = TrainSettings(**{"data": str(small_data), "output_dir": str(tmp_path / "out"),
                          "backend": "local", **change})
     with pytest.raises(PipelineError, match=message):
-        TrainingRun(cfg)
+        TrainingRun(cfg).open()
     assert not (tmp_path / "out").exists()
 
 
 def test_persona_is_learned_from_the_sample_data(tmp_path):
     """The demo's promise: a short CPU run makes the LoRA answer as Captain Byte."""
-    cfg = TrainConfig(data=str(SAMPLE), batch=8, max_steps=30, learning_rate=5e-4, save_every=0,
+    cfg = TrainSettings(data=str(SAMPLE), batch=8, max_steps=30, learning_rate=5e-4, save_every=0,
                       output_dir=str(tmp_path), backend="local", run_name="persona")
-    summary = train(TrainingRun(cfg))
+    summary = train(TrainingRun(cfg).open())
     log = json.loads((tmp_path / "persona" / "training_log.json").read_text())
     first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
     assert last < first / 3, (first, last)
-    out = compare(summary["final_lora_weights"], load_prompts(str(PROMPTS)), compare_base=True,
-                  max_tokens=40, temperature=0)
+    out = compare(summary.final_lora_weights, load_prompts(str(PROMPTS)),
+                  SampleSettings(compare_base=True, max_tokens=40, temperature=0))
     lora = [r["lora_response"].startswith("Arr!") for r in out["results"]]
     base = [r["base_response"].startswith("Arr!") for r in out["results"]]
     assert sum(lora) >= 0.8 * len(lora) and not any(base), out["results"]
@@ -102,12 +107,12 @@ def test_a_retried_step_is_applied_exactly_once(tmp_path, small_data, fail_at):
     """A failure after forward_backward was applied (its gradients are in the engine) and a
     retry: the final adapter equals an uninterrupted run's."""
     def config(name):
-        return TrainConfig(data=str(small_data), batch=4, max_steps=4, save_every=2,
+        return TrainSettings(data=str(small_data), batch=4, max_steps=4, save_every=2,
                            learning_rate=5e-4, output_dir=str(tmp_path), backend="local", run_name=name)
 
-    train(TrainingRun(config("clean")))
+    train(TrainingRun(config("clean")).open())
 
-    run = TrainingRun(config("retried"))
+    run = TrainingRun(config("retried")).open()
     real_optim_step = run.engine.optim_step
 
     def crash(step, n):

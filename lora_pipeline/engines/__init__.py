@@ -1,18 +1,63 @@
 """Training engines, shaped like Tinker's TrainingClient so the pipeline runs the same code on
 both: `forward_backward`, `optim_step`, `forward`, `sample`, `save_state`, `load_state`,
 `save_weights_for_sampler`. Calls return futures (`.result()`), as Tinker's do, so that a step
-can submit `forward_backward` and `optim_step` before waiting on either.
+can submit `forward_backward` and `optim_step` before waiting on either. `Engine` states the
+contract; `make_engine` is the one place that picks and builds an engine.
 """
 
 import os
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from tinker import types
 
 from ..errors import PipelineError
 from ..models import DEFAULT_TINKER_MODEL, SMOLLM2
+from ..run_folder import INFO_FILE
+from ..settings import BACKENDS
 
-BACKENDS = ("local", "tinker", "auto")
-# Saved beside every adapter, state or checkpoint record: backend, base model, rank (and the
-# tinker:// paths for Tinker runs).
-INFO_FILE = "lora_pipeline.json"
+__all__ = ["INFO_FILE", "Engine", "EngineTimeout", "make_engine", "resolve_engine", "retryable"]
+
+
+class Result(Protocol):
+    def result(self) -> Any: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the training loop and the evaluation need of an engine. Every call that computes
+    returns a `Result` at once; `.result()` waits for it (and raises its failure)."""
+
+    remote: bool  # calls queue on a service: the loop submits the next step before awaiting
+    tokenizer: Any
+    renderer: Any  # turns chat messages into tokens and loss weights (lora_pipeline.render)
+    stop_tokens: list[int]
+
+    def forward_backward(self, data: list[types.Datum], loss_fn: str = "cross_entropy") -> Result:
+        """Adds the gradient of the summed weighted token NLL to the accumulated gradients;
+        the result is a ForwardBackwardOutput with metrics["loss:sum"]."""
+
+    def forward(self, data: list[types.Datum], loss_fn: str = "cross_entropy") -> Result:
+        """The same loss and log-probs, without gradients."""
+
+    def optim_step(self, adam: types.AdamParams) -> Result:
+        """One AdamW step on the accumulated gradients, which it then clears."""
+
+    def save_state(self, name: str) -> Result:
+        """Weights and optimizer state, for resuming; the result is its path."""
+
+    def load_state(self, path: str) -> None:
+        """Restore what `save_state` saved; any unfinished step's gradients are discarded."""
+
+    def save_weights_for_sampler(self, name: str) -> Result:
+        """The adapter for inference; the result is its path."""
+
+    def sample(self, prompts: list[types.ModelInput], params: types.SamplingParams,
+               lora: bool = True) -> Result:
+        """One completion per prompt, from the LoRA or its base: a list of SampledSequence."""
+
+    def close(self, status: str = "success") -> None:
+        """Release the session, if any."""
 
 
 class EngineTimeout(PipelineError, TimeoutError):
@@ -54,6 +99,15 @@ def default_base_model(backend: str) -> str:
     return DEFAULT_TINKER_MODEL if backend == "tinker" else SMOLLM2
 
 
+def resolve_engine(backend: str, base_model: str | None) -> tuple[str, str]:
+    """The backend and base model a run will use, checked: a run whose engine cannot start
+    fails before any work."""
+    backend = choose_backend(backend)
+    base_model = base_model or default_base_model(backend)
+    check_base_model(backend, base_model)
+    return backend, base_model
+
+
 def check_base_model(backend: str, base_model: str) -> None:
     """Fail before any work when the engine cannot start."""
     if backend == "tinker":
@@ -64,17 +118,6 @@ def check_base_model(backend: str, base_model: str) -> None:
         check_local_model(base_model)
 
 
-def make_engine(backend: str, base_model: str, rank: int, seed: int, root, request_timeout: float):
-    if backend == "tinker":
-        check_tinker_ready()
-        from .tinker_engine import TinkerEngine
-
-        return TinkerEngine(base_model, rank, seed, root, request_timeout)
-    from .local import LocalEngine
-
-    return LocalEngine(base_model, rank, seed, root=root)
-
-
 def check_tinker_ready() -> None:
     if not os.environ.get("TINKER_API_KEY"):
         raise PipelineError("Missing TINKER_API_KEY in environment: `export TINKER_API_KEY=...` "
@@ -82,15 +125,17 @@ def check_tinker_ready() -> None:
                             "or train on this machine with --backend local")
 
 
-def open_sampler(info: dict, base_model: str, seed: int, request_timeout: float):
-    """An engine to answer prompts with saved LoRA weights (`info` is the lora_pipeline.json
-    saved beside them) and with their base model."""
-    if info["backend"] == "tinker":
+def make_engine(backend: str, base_model: str, *, rank: int, seed: int, request_timeout: float,
+                root: str | Path | None = None, weights: dict | None = None) -> Engine:
+    """The engine of `backend`: a fresh LoRA of `rank` whose saves go under `root`, or, given
+    `weights` (the lora_pipeline.json info saved beside an adapter), one that samples from
+    those saved weights and from their base."""
+    if backend == "tinker":
         check_tinker_ready()
         from .tinker_engine import TinkerEngine
 
-        return TinkerEngine(base_model, info["rank"], seed, None, request_timeout,
-                            sampler_path=info["sampler_path"])
+        return TinkerEngine(base_model, rank, seed, root, request_timeout,
+                            sampler_path=weights["sampler_path"] if weights else None)
     from .local import LocalEngine
 
-    return LocalEngine(base_model, info["rank"], seed, adapter=info["folder"])
+    return LocalEngine(base_model, rank, seed, root=root, adapter=weights["folder"] if weights else None)

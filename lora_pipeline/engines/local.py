@@ -163,6 +163,9 @@ class LocalEngine:
     def _write(self, name: str, write) -> str:
         if self.root is None:
             raise PipelineError("this engine was made without a folder to save into")
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad):
+            raise PipelineError(f"{name}: the LoRA weights are not finite numbers (training diverged), so they "
+                                "are not saved; lower --learning-rate and train again with --start-over")
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-{name}-"))
         try:

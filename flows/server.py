@@ -1,0 +1,79 @@
+"""The temporary Prefect server a command uses when no PREFECT_API_URL is set.
+
+Prefect would start one of its own, but give up after its default startup timeout on a busy
+machine, with a traceback, and leave it running after a `kill -9` of the command. This one is
+Prefect's own temporary server (the same uvicorn command, no UI), started with a deadline that
+suits a busy machine, tied to the command so that it dies with it however it ends, and when it
+cannot start, the command says in one line what to do instead.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from lora_pipeline.errors import PipelineError
+from lora_pipeline.processes import free_port, start, stop, wait_until
+
+# Seconds to wait for the server; a 2-core machine under load took over a minute.
+STARTUP_TIMEOUT = float(os.environ.get("LORA_PIPELINE_SERVER_TIMEOUT", "180"))
+
+
+@contextlib.contextmanager
+def temporary_server():
+    """Sets PREFECT_API_URL to a temporary server for the duration, unless one is set. Call it
+    before Prefect is imported: Prefect reads its settings from the environment then."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    assert "prefect" not in sys.modules, "temporary_server() must run before Prefect is imported"
+    import importlib.util
+
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    # As Prefect runs its own temporary server: no UI, the services a short-lived server needs.
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    site = Path(importlib.util.find_spec("prefect").origin).parent.parent
+    errors = tempfile.TemporaryFile()
+    server = start([sys.executable, "-m", "uvicorn", "--app-dir", site, "--factory",
+                    "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", port,
+                    "--log-level", "error", "--lifespan", "on"],
+                   env=env, stdout=subprocess.DEVNULL, stderr=errors)
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+    try:
+        wait_until("a temporary Prefect server", healthy, STARTUP_TIMEOUT, server, every=0.2)
+    except (TimeoutError, RuntimeError) as e:
+        stop(server, 5)
+        errors.seek(0)
+        said = errors.read().decode(errors="replace").strip().splitlines()
+        raise PipelineError(f"{e}{f' ({said[-1]})' if said else ''}; a busy machine can be slow to start one. "
+                            "Start a Prefect server with `make server`, `export "
+                            "PREFECT_API_URL=http://127.0.0.1:4200/api`, and run this again") from None
+    finally:
+        errors.close()
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield
+    finally:
+        _send_pending_logs()
+        del os.environ["PREFECT_API_URL"]
+        stop(server, 10, signal.SIGTERM)
+
+
+def _send_pending_logs() -> None:
+    """Logs and events still queued for the server, sent before it stops."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)
+    EventsWorker.drain_all(timeout=5)

@@ -1,0 +1,108 @@
+"""Settings defined once: the CLI's flags, the flows' parameters and config.json all come from
+lora_pipeline.settings, and every number is checked before anything runs."""
+
+import dataclasses
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+from lora_pipeline import settings as S
+from lora_pipeline.engines import Engine
+from lora_pipeline.errors import PipelineError
+
+
+def _flags(command: str) -> dict:
+    from lora_pipeline.flows.cli import parser
+
+    sub = next(a for a in parser()._actions if a.dest == "command").choices[command]
+    return {a.dest: a for a in sub._actions if a.dest != "help"}
+
+
+@pytest.mark.parametrize("command, cls", [("prepare", S.PrepareSettings), ("train", S.TrainSettings),
+                                          ("test", S.EvaluateSettings)])
+def test_each_command_has_a_flag_per_setting_with_its_default(command, cls):
+    flags = _flags(command)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    assert set(flags) == set(fields)
+    for name, f in fields.items():
+        if f.default is dataclasses.MISSING:
+            assert flags[name].required, name
+        else:
+            assert flags[name].default == f.default, name
+        assert flags[name].choices == (list(f.metadata["choices"]) if f.metadata["choices"] else None) or \
+            tuple(flags[name].choices or ()) == f.metadata["choices"], name
+
+
+def test_run_takes_the_pipeline_flows_parameters():
+    from lora_pipeline.flows.pipeline import lora_pipeline
+
+    flags = _flags("run")
+    schema = lora_pipeline.parameters.model_dump()
+    assert set(flags) == set(schema["properties"]) == {f.name for f in S.flat_fields()}
+    assert schema["required"] == ["dataset"]
+    for name, prop in schema["properties"].items():
+        assert prop.get("default") == flags[name].default, name
+    assert flags["compare_base"].default is True  # the pipeline compares with the base model
+
+
+@pytest.mark.parametrize("flow_name, cls", [("prepare", S.PrepareSettings), ("train", S.TrainSettings),
+                                            ("test", S.EvaluateSettings)])
+def test_flow_parameters_have_the_settings_types_defaults_and_help(flow_name, cls):
+    """What the Prefect UI's run form shows for each flow."""
+    from lora_pipeline.flows import pipeline
+
+    schema = getattr(pipeline, flow_name).parameters.model_dump()
+    for f in dataclasses.fields(cls):
+        prop = schema["properties"][f.name]
+        assert prop["description"] == f.metadata["help"], f.name
+        if f.default is dataclasses.MISSING:
+            assert f.name in schema["required"]
+        else:
+            assert prop["default"] == f.default
+    assert schema["properties"]["batch" if cls is S.TrainSettings else "seed"]["type"] == "integer"
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"learning_rate": float("inf")}, "--learning-rate (learning_rate) inf: must be a finite number"),
+    ({"learning_rate": float("nan")}, "--learning-rate (learning_rate) nan: must be a finite number"),
+    ({"learning_rate": -1e-4}, "--learning-rate (learning_rate) -0.0001: must be above 0"),
+    ({"max_length": -5}, "--max-length (max_length) -5: must be at least 1"),
+    ({"seed": -1}, "--seed (seed) -1: must be at least 0"),
+    ({"batch": 0}, "--batch (batch) 0: must be at least 1"),
+    ({"request_timeout": 0}, "--request-timeout (request_timeout) 0: must be above 0"),
+    ({"backend": "gpu"}, "--backend (backend) 'gpu': choose one of auto, local, tinker"),
+])
+def test_nonsense_numbers_are_refused_naming_the_flag(change, said):
+    with pytest.raises(PipelineError) as e:
+        S.TrainSettings(data="x.jsonl", **change).check()
+    assert str(e.value) == said
+
+
+def test_prepare_refuses_a_zero_sample_and_a_full_validation_split():
+    with pytest.raises(PipelineError, match=r"--max-examples \(max_examples\) 0: must be at least 1"):
+        S.PrepareSettings(dataset="d", output="o", max_examples=0).check()
+    with pytest.raises(PipelineError, match=r"--val-fraction \(val_fraction\) 1.0: must be below 1"):
+        S.PrepareSettings(dataset="d", output="o", val_fraction=1.0).check()
+
+
+def test_help_answers_without_importing_torch_or_tinker():
+    code = ("import sys\nfrom lora_pipeline.flows.cli import parser\nparser().format_help()\n"
+            "print(sorted(m for m in ('torch', 'tinker', 'transformers', 'prefect') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_both_engines_have_the_engine_interface():
+    from lora_pipeline.engines.local import LocalEngine
+    from lora_pipeline.engines.tinker_engine import TinkerEngine
+
+    methods = [name for name, value in vars(Engine).items() if inspect.isfunction(value)
+               and not name.startswith("_")]
+    assert len(methods) == 8
+    for cls in (LocalEngine, TinkerEngine):
+        assert isinstance(cls.remote, bool)
+        for name in methods:
+            expected = list(inspect.signature(getattr(Engine, name)).parameters)
+            assert list(inspect.signature(getattr(cls, name)).parameters) == expected, (cls, name)
