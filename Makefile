@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= runs
 
-.PHONY: install run test serve server bench clean
+.PHONY: install run test test-fast lint serve server postgres pool deploy worker bench clean
 
 install: $(VENV)/.installed
 
@@ -27,9 +27,37 @@ run: install
 test: install
 	$(BIN)/pytest -q
 
-# A local Prefect server (SQLite, 127.0.0.1, no analytics) for the UI and deployments.
+# The edit loop: no model training, no server (see the `slow` marker in pyproject.toml).
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+
+# A local Prefect server (127.0.0.1, no analytics) for the UI and deployments. Its database is
+# SQLite under PREFECT_HOME, or PostgreSQL when PREFECT_API_DATABASE_CONNECTION_URL is set
+# (`make postgres` starts one and prints the URL).
 server: install
+	@if [ -n "$$PREFECT_API_DATABASE_CONNECTION_URL" ]; then echo "Prefect database: PostgreSQL (PREFECT_API_DATABASE_CONNECTION_URL)"; \
+	else echo "Prefect database: SQLite under $${PREFECT_HOME:-~/.prefect} (PostgreSQL: make postgres)"; fi
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host 127.0.0.1
+
+# A local PostgreSQL for the Prefect server (loopback only, data in .postgres/), in the foreground.
+postgres: install
+	$(BIN)/python -m lora_pipeline.deployments.postgres
+
+# The process work pool that prefect.yaml's deployments run on (needs PREFECT_API_URL).
+pool: install
+	@$(BIN)/prefect work-pool inspect lora-pipeline >/dev/null 2>&1 || \
+		$(BIN)/prefect work-pool create lora-pipeline --type process
+
+# Register the deployments of prefect.yaml.
+deploy: pool
+	$(BIN)/prefect --no-prompt deploy --all
+
+# A worker of the pool; start one on each machine that has this clone at the same path.
+worker: pool
+	$(BIN)/prefect worker start --pool lora-pipeline
 
 serve: install
 	$(BIN)/lora-pipeline serve

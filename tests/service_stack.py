@@ -1,0 +1,148 @@
+"""The pipeline as a service on one machine, for tests and benchmarks: a Prefect server (on
+PostgreSQL or SQLite), the `lora-pipeline` process work pool, `prefect deploy --all` from the
+checkout, and workers. Loopback only. Everything it starts dies with the process that started
+it (lora_pipeline.processes), and `close()` stops it in order.
+
+    with ServiceStack(database="postgresql", workers=2, env={...}) as stack:
+        run_id = stack.run("lora-pipeline/trial", max_steps=2)
+        stack.wait(run_id)
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+import psutil
+
+from lora_pipeline import processes
+from lora_pipeline.deployments.postgres import LocalPostgres
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+class ServiceStack:
+    def __init__(self, database: str = "postgresql", workers: int = 2, env: dict | None = None):
+        # PostgreSQL runs as its own user when we are root: its folder must not be under a
+        # private one (pytest's tmp_path is).
+        self.root = Path(tempfile.mkdtemp(prefix="lora-service-", dir="/tmp"))
+        self.root.chmod(0o755)
+        self.database, self.n_workers, self.extra_env = database, workers, env or {}
+        self.workers: dict[str, subprocess.Popen] = {}
+        self._stops: list = []
+
+    def __enter__(self) -> "ServiceStack":
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> "ServiceStack":
+        port = processes.free_port()
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+                    "PREFECT_HOME": str(self.root / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+                    # Workers look for new runs every second (10 s by default).
+                    "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+                    **self.extra_env}
+        if self.database == "postgresql":
+            db = LocalPostgres(self.root / "postgres", processes.free_port()).start()
+            self._stops.append(db.stop)
+            self.env["PREFECT_API_DATABASE_CONNECTION_URL"] = db.url
+        log = open(self.root / "server.log", "w")
+        self.server = processes.start([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
+                                      env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self._stops.append(lambda: processes.stop(self.server, 30))
+        self.api = httpx.Client(base_url=self.env["PREFECT_API_URL"], timeout=30)
+
+        def healthy() -> bool:
+            try:
+                return self.api.get("/health").status_code == 200
+            except httpx.HTTPError:
+                return False
+        processes.wait_until(f"the Prefect server on {self.database}", healthy, 180, self.server, every=1)
+        self.prefect("work-pool", "create", "lora-pipeline", "--type", "process")
+        self.deployed = self.prefect("--no-prompt", "deploy", "--all", cwd=ROOT).stdout
+        for i in range(self.n_workers):
+            self.start_worker(f"worker-{i}")
+        return self
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            self._kill_runs_of(worker)
+            processes.stop(worker)
+        for stop in reversed(self._stops):
+            stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def prefect(self, *args, timeout: float = 180, cwd=None) -> subprocess.CompletedProcess:
+        r = subprocess.run([BIN / "prefect", *map(str, args)], env=self.env, cwd=cwd or self.root,
+                           capture_output=True, text=True, timeout=timeout)
+        if r.returncode:
+            raise RuntimeError(f"prefect {' '.join(map(str, args))} failed: {(r.stdout + r.stderr)[-2000:]}")
+        return r
+
+    def start_worker(self, name: str) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "a")
+        worker = processes.start([BIN / "prefect", "worker", "start", "--pool", "lora-pipeline", "--name", name],
+                                 env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.workers[name] = worker
+        return worker
+
+    @staticmethod
+    def _kill_runs_of(worker: subprocess.Popen) -> None:
+        """The flow runs a worker started are its child processes; they do not die with it."""
+        if worker.poll() is None:
+            for child in psutil.Process(worker.pid).children(recursive=True):
+                child.kill()
+
+    def kill_worker(self, name: str) -> None:
+        """As when its machine goes away: the worker and its flow runs, at once."""
+        worker = self.workers.pop(name)
+        self._kill_runs_of(worker)
+        worker.kill()
+        worker.wait()
+
+    def worker_running_a_flow(self) -> str | None:
+        for name, worker in self.workers.items():
+            if worker.poll() is None and any("prefect.engine" in " ".join(c.cmdline())
+                                             for c in psutil.Process(worker.pid).children(recursive=True)):
+                return name
+        return None
+
+    def run(self, deployment: str, **params) -> str:
+        """Starts a run of `deployment` as `prefect deployment run -p name=value` does; its id."""
+        args = ["deployment", "run", deployment]
+        for k, v in params.items():
+            args += ["-p", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
+        out = self.prefect(*args).stdout
+        return next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
+
+    def state(self, flow_run_id: str) -> dict:
+        return self.api.get(f"/flow_runs/{flow_run_id}").json()["state"]
+
+    def wait(self, flow_run_id: str, timeout: float = 300) -> dict:
+        def final():
+            state = self.state(flow_run_id)
+            return state if state["type"] in FINAL else None
+        return processes.wait_until(f"flow run {flow_run_id}", final, timeout, every=1)
+
+    def children(self, flow_run_id: str) -> list[dict]:
+        return self.api.post("/flow_runs/filter", json={
+            "flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}}).json()
+
+    def logs(self, flow_run_id: str) -> list[str]:
+        return [log["message"] for log in self.api.post("/logs/filter", json={
+            "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}).json()]
