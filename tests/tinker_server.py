@@ -72,7 +72,9 @@ Where a fault applies for submitted-then-polled operations (``create_model``,
 For other operations ``try_again`` and ``fail`` do nothing. Auth (missing key or
 ``reject_key``) is checked before faults. Every request is recorded, faulted or not.
 
-What the server checks, as the service does (a rule broken is refused before it has any effect):
+What the server checks, modelled on the service (a rule broken is refused before it has any
+effect). Which rule the service answers in which of the two shapes the SDK raises is an
+assumption here; the shapes themselves are the SDK's:
 
 - HTTP 400 (``tinker.BadRequestError``, not retried) for a bad request: an unsupported base
   model, a LoRA rank outside 1..``max_rank``, Adam parameters out of range (learning rate not
