@@ -2,7 +2,6 @@
 
 import errno
 import json
-import os
 import shutil
 import tempfile
 from concurrent.futures import Future
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from tinker import types
 from transformers import GenerationConfig
 
-from ..data import umask_mode
+from ..data import replace_dir, umask_mode
 from ..errors import PipelineError
 from ..models import load_model, load_tokenizer
 from ..render import renderer_for
@@ -29,18 +28,6 @@ def _done(value) -> Future:
     future: Future = Future()
     future.set_result(value)
     return future
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Put a fully written folder in place of `target`: readers never see a partial one."""
-    if target.exists():
-        old = target.with_name(f".old-{target.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
 
 
 class LocalEngine:
@@ -175,7 +162,7 @@ class LocalEngine:
             info = {"backend": "local", "base_model": self.base_model, "rank": self.rank}
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
             write(tmp)
-            _replace_dir(tmp, self.root / name)
+            replace_dir(tmp, self.root / name)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, RuntimeError):  # torch.save reports a failed write (a full disk) so

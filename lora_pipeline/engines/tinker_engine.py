@@ -63,6 +63,12 @@ def take_sdk_retries() -> list[str]:
     return taken
 
 
+def service_url() -> str | None:
+    """The Tinker service to use: TINKER_BASE_URL (the SDK's name), else the workflow's
+    TINKER_API_BASE; None lets the SDK pick its default."""
+    return os.environ.get("TINKER_BASE_URL") or os.environ.get("TINKER_API_BASE") or None
+
+
 def tinker_name(name: str) -> str:
     """Tinker checkpoint names as the workflow made them: step_0025, final."""
     if name.startswith("checkpoint_step_"):
@@ -134,9 +140,8 @@ class TinkerEngine:
         self.root = Path(root) if root else None
         self.timeout = request_timeout
         _watch_sdk_retries()
-        base_url = os.environ.get("TINKER_BASE_URL") or os.environ.get("TINKER_API_BASE")
         # The SDK reads TINKER_API_KEY itself; the key never passes through our code.
-        self.service = tinker.ServiceClient(base_url=base_url) if base_url else tinker.ServiceClient()
+        self.service = tinker.ServiceClient(base_url=service_url())
         self.tokenizer = load_tokenizer(base_model)
         self.renderer = renderer_for(base_model, self.tokenizer)
         self.stop_tokens = [t for t in self.renderer.get_stop_sequences() if isinstance(t, int)]
