@@ -5,7 +5,7 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from importlib.metadata import version
 from pathlib import Path
 
@@ -23,7 +23,7 @@ def machine() -> dict:
 def write(name: str, figures: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    record = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    record = {"benchmark": name, "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": machine(), **figures}
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(figures, indent=2))

@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import best_of, write  # noqa: E402
+from common import best_of, write
 
-from lora_pipeline.models import SMOLLM2, load_tokenizer  # noqa: E402
-from lora_pipeline.prepare import prepare  # noqa: E402
+from lora_pipeline.models import SMOLLM2, load_tokenizer
+from lora_pipeline.prepare import prepare
 
 WORDS = ("the ship sails over calm blue water while the crew sings songs of gold and distant "
          "islands under a bright morning sky").split()

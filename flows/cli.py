@@ -33,6 +33,10 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     for name, (help, fields, overrides) in COMMANDS.items():
         S.add_flags(sub.add_parser(name, help=help), fields, overrides)
+    p = sub.add_parser("export", help="a Tinker checkpoint as a PEFT adapter folder (download)")
+    p.add_argument("source", help="a run folder (its final weights), a checkpoint folder, or a tinker:// path")
+    p.add_argument("--output", required=True, help="the folder to write the adapter into")
+    S.add_flags(p, S.fields_of(S.Deadline))
     p = sub.add_parser("inspect", help="the Tinker SDK, its methods and the service's models")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the service")
     sub.add_parser("serve", help="serve the lora-pipeline/nightly deployment (needs PREFECT_API_URL)")
@@ -94,6 +98,11 @@ def _dispatch(a) -> int:
         from lora_pipeline.inspect_tinker import inspect
 
         print("\n".join(inspect(a.timeout)))
+        return 0
+    if a.command == "export":
+        from lora_pipeline.export import export
+
+        print(f"PEFT adapter: {export(a.source, a.output, a.request_timeout)}")
         return 0
     if a.command == "serve":
         if not os.environ.get("PREFECT_API_URL"):

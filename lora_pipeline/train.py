@@ -16,6 +16,7 @@ from tinker import types
 from .data import file_sha256, folder_sha256, held_out_beside, read_chat_jsonl, slug
 from .engines import EngineTimeout, check_base_model, choose_backend, default_base_model, make_engine
 from .errors import PipelineError
+from .export import export_run_weights
 from .render import render_conversations
 from .run_folder import FINAL, FORMAT, STATE, CheckpointRecord, RunFolder, RunSummary, checkpoint_name
 from .settings import TrainSettings
@@ -415,6 +416,11 @@ class TrainingRun:
         self._register(CheckpointRecord(FINAL, steps, sampler_path=final))
         self._save_state(STATE, steps, "the final state")
         self.validate(steps)
+        best = self._best()
+        if self.backend == "tinker":
+            # The weights as PEFT adapters, beside their tinker:// records: what serving them
+            # anywhere else needs (final_lora_weights/ and the best checkpoint's folder).
+            export_run_weights(self.run_dir, self.settings.request_timeout)
         summary = RunSummary(
             run_dir=str(self.run_dir), final_lora_weights=str(self.run_dir / FINAL), checkpoints=list(self.saved),
             backend=self.backend, base_model=self.base_model, steps=steps,
@@ -422,7 +428,7 @@ class TrainingRun:
             tokens=sum(r["tokens"] for r in self.log),
             val_loss_base=next((r["val_loss"] for r in self.val_log if r["step"] == 0), None),
             val_loss_final=self.val_log[-1]["val_loss"] if self.val_log else None,
-            best=self._best(), time_s=round(time.monotonic() - self.started, 2),
+            best=best, time_s=round(time.monotonic() - self.started, 2),
             final_sha256=folder_sha256(self.run_dir / FINAL))
         self.folder.write_summary(summary)
         return summary

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 
 CLI = str(Path(sys.executable).parent / "lora-pipeline")
 

@@ -76,7 +76,7 @@ def test_strict_stops_at_the_first_bad_row_and_writes_nothing(tmp_path):
 def test_validation_split_and_sampling_are_seeded(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [good(i) for i in range(100)])
     a = prepare(str(src), "train", tmp_path / "a.jsonl", max_examples=40, seed=1, val_fraction=0.25)
-    b = prepare(str(src), "train", tmp_path / "b.jsonl", max_examples=40, seed=1, val_fraction=0.25)
+    prepare(str(src), "train", tmp_path / "b.jsonl", max_examples=40, seed=1, val_fraction=0.25)
     assert (a["train"], a["val"]) == (30, 10)
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
     assert (tmp_path / "a.val.jsonl").read_text() == (tmp_path / "b.val.jsonl").read_text()

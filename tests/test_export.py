@@ -121,7 +121,7 @@ def test_every_checkpoint_in_the_registry_exports(server, run_dir, tmp_path):
     entries = RunFolder(run_dir).registry()
     assert [e.name for e in entries] == ["checkpoint_step_2", "final_lora_weights", "training_state"]
     out = {e.name: export(run_dir / e.name, tmp_path / "out" / e.name, timeout=TIMEOUT) for e in entries}
-    for name, folder in out.items():
+    for folder in out.values():
         config = json.loads((folder / "adapter_config.json").read_text())
         assert (config["peft_type"], config["r"], config["base_model_name_or_path"]) == ("LORA", 8, SMOLLM2)
         assert json.loads((folder / "lora_pipeline.json").read_text())["backend"] == "tinker"

@@ -4,7 +4,6 @@ and deployment runs on the local engine and on Tinker (the local Tinker-protocol
 clock cycles). Loopback only; everything started here dies with this process."""
 
 import json
-import os
 
 import pytest
 

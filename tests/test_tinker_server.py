@@ -254,7 +254,7 @@ def test_hang_on_create_session_blocks_the_callers_thread(server):
     def create() -> None:
         try:
             outcome.append(sc.create_lora_training_client(SMOL))  # blocks here, no future yet
-        except BaseException as e:  # noqa: BLE001 - the server is stopped under it
+        except BaseException as e:
             outcome.append(e)
 
     t = threading.Thread(target=create, daemon=True)
