@@ -49,6 +49,7 @@ def test_inspect_without_a_key_says_so(tmp_path):
     assert "TINKER_API_KEY is not set" in r.stdout
 
 
+@pytest.mark.slow
 def test_train_then_test_give_the_workflows_layout(tmp_path, small_data):
     r = cli("train", "--data", small_data, "--batch", 4, "--max-steps", 4, "--save-every", 2,
             "--learning-rate", 5e-4, "--output-dir", "checkpoints", cwd=tmp_path)
@@ -82,6 +83,7 @@ def test_test_rejects_a_folder_that_is_not_an_adapter(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 def test_run_does_the_whole_pipeline_from_the_command_line(tmp_path, small_data):
     """The demo's command (make run), on less data: prepare, train, test, report."""
     r = cli("run", "--dataset", small_data, "--batch", 4, "--max-steps", 2, "--save-every", 0,

@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytestmark = pytest.mark.slow  # trains a model or starts a Prefect server
+
 BIN = Path(sys.executable).parent
 
 

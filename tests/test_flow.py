@@ -4,10 +4,13 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from lora_pipeline.flows.pipeline import lora_pipeline
+
+pytestmark = pytest.mark.slow  # trains a model or starts a Prefect server
 
 
 async def _task_runs_and_artifacts(flow_run_id):

@@ -6,6 +6,8 @@ import html
 import json
 import re
 
+import pytest
+
 from lora_pipeline.evaluate import compare
 from lora_pipeline.report import checkpoint_rows, loss_figure, overfitting, shares_span, write_report
 from lora_pipeline.run_folder import CheckpointRecord, RunSummary
@@ -50,6 +52,7 @@ def _cells(table_html: str) -> list[list[str]]:
     return [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr[^>]*>(.*?)</tr>", table_html)][1:]
 
 
+@pytest.mark.slow
 def test_report_html_shows_the_run_as_logged(tmp_path, small_data):
     val = tmp_path / "small.val.jsonl"
     lines = small_data.read_text().splitlines(keepends=True)

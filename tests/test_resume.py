@@ -16,6 +16,8 @@ from lora_pipeline.errors import PipelineError
 from lora_pipeline.settings import TrainSettings
 from lora_pipeline.train import TrainingRun, train
 
+pytestmark = pytest.mark.slow  # trains a model or starts a Prefect server
+
 CLI = str(Path(sys.executable).parent / "lora-pipeline")
 
 

@@ -13,6 +13,8 @@ from lora_pipeline.flows.pipeline import lora_pipeline
 from lora_pipeline.models import SMOLLM2, load_tokenizer
 from tinker_server import TinkerTestServer
 
+pytestmark = pytest.mark.slow  # trains a model or starts a Prefect server
+
 TIMEOUT = 2.0  # --request-timeout in these tests
 RETRIES, FIRST_DELAY = 2, 0.2  # as conftest sets them
 

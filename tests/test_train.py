@@ -11,6 +11,7 @@ from lora_pipeline.settings import SampleSettings, TrainSettings
 from lora_pipeline.train import TrainingRun, epoch_batches, learning_rate, train
 
 
+@pytest.mark.slow
 def test_run_folder_layout_and_log(tmp_path, small_data, monkeypatch):
     monkeypatch.setenv("TINKER_API_KEY", "tml-do-not-leak-this")
     val = tmp_path / "val.jsonl"
@@ -81,6 +82,7 @@ def test_bad_inputs_fail_before_a_run_folder_exists(tmp_path, small_data, change
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_persona_is_learned_from_the_sample_data(tmp_path):
     """The demo's promise: a short CPU run makes the LoRA answer as Captain Byte."""
     cfg = TrainSettings(data=str(SAMPLE), batch=8, max_steps=30, learning_rate=5e-4, save_every=0,
@@ -102,6 +104,7 @@ def _adapter(run_dir):
     return load_file(str(run_dir / "final_lora_weights" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_at", [1, 3])
 def test_a_retried_step_is_applied_exactly_once(tmp_path, small_data, fail_at):
     """A failure after forward_backward was applied (its gradients are in the engine) and a
