@@ -11,6 +11,7 @@ command runs, so that `--help` and a mistyped flag answer at once, without torch
 
 import argparse
 import contextlib
+import errno
 import os
 import sys
 from pathlib import Path
@@ -53,13 +54,34 @@ def main(argv=None) -> int:
         print(f"lora-pipeline {a.command}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk, a read-only folder: earlier files are intact
-        print(f"lora-pipeline {a.command}: error: cannot write {e.filename or 'output'}: {e.strerror or e}. "
-              "Free space or choose another --output-dir; run the same command again to continue "
-              "from the last checkpoint.", file=sys.stderr)
+        print(f"lora-pipeline {a.command}: error: {os_error_message(a.command, e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"lora-pipeline {a.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def os_error_message(command: str, e: OSError) -> str:
+    """What went wrong with a file, and what to do, for the error the system gave."""
+    where = e.filename or "a file"
+    option = "--output" if command in ("prepare", "test", "export") else "--output-dir"
+    again = (" Earlier files are intact; run the same command again to continue from the last checkpoint."
+             if command in ("train", "run", "sweep") else "")
+    fixes = {
+        errno.ENOSPC: f"the disk is full. Free space, or choose another {option}.",
+        errno.EDQUOT: f"the disk quota is used up. Free space, or choose another {option}.",
+        errno.EFBIG: f"the file grew past the allowed size. Free space, or choose another {option}.",
+        errno.EIO: f"the write failed ({e.strerror}): the disk may be full. Free space, or choose another {option}.",
+        errno.EACCES: f"permission denied. Choose a folder you can write to with {option}.",
+        errno.EPERM: f"the operation is not permitted. Choose a folder you can write to with {option}.",
+        errno.EROFS: f"the file system is read-only. Choose another {option}.",
+        errno.EEXIST: f"something is already there. Remove it, or choose another {option}.",
+        errno.ENOTDIR: f"part of that path is a file, not a folder. Choose another {option}.",
+        errno.EISDIR: f"that is a folder, not a file. Give a file path with {option}.",
+        errno.ELOOP: f"a symbolic link is in the way, which lora-pipeline does not follow. Choose another {option}.",
+        errno.ENOENT: "it does not exist. Check the path.",
+    }
+    return f"{where}: " + fixes.get(e.errno, f"{e.strerror or e}. Check the path, or choose another {option}.") + again
 
 
 def _check_inputs(command: str, params: dict) -> None:

@@ -15,6 +15,7 @@
 On Tinker the checkpoint folders hold the tinker:// paths (lora_pipeline.json), not weights.
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -101,6 +102,8 @@ class RunFolder:
         return self.path.with_name(f".{self.path.name}.lock")
 
     def lock(self) -> None:
+        # The folders made here, to remove again if the run never makes its folder.
+        self._made = [p for p in reversed(self.path.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -115,9 +118,16 @@ class RunFolder:
         self._lock_fd = fd
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing releases the lock
-            self._lock_fd = None
+        """Releases the lock; a run that failed before making its folder leaves nothing behind."""
+        if self._lock_fd is None:
+            return
+        if not self.path.exists():
+            self.lock_path.unlink(missing_ok=True)
+            for folder in reversed(self._made):
+                with contextlib.suppress(OSError):  # not empty: not ours alone
+                    folder.rmdir()
+        os.close(self._lock_fd)  # closing releases the lock
+        self._lock_fd = None
 
     def in_use_elsewhere(self) -> bool:
         """Whether another process holds this folder's lock now."""

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -106,7 +107,8 @@ class TrainingRun:
                   "val_data": s.val_data or held_out_beside(s.data), "backend_requested": s.backend,
                   "backend": self.backend, "base_model": self.base_model}
         del config["start_over"]
-        config["run_dir"] = str((Path(s.output_dir) / (s.run_name or run_folder_name(config))).resolve())
+        # Absolute, but links not followed: a run folder that is a link is refused, not written through.
+        config["run_dir"] = os.path.abspath(Path(s.output_dir) / (s.run_name or run_folder_name(config)))
         return config
 
     @functools.cached_property

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tinker import types
 from transformers import GenerationConfig
@@ -165,7 +166,8 @@ class LocalEngine:
             replace_dir(tmp, self.root / name)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, RuntimeError):  # torch.save reports a failed write (a full disk) so
+            # torch.save and safetensors report a failed write (a full disk) as their own errors.
+            if isinstance(e, (RuntimeError, SafetensorError)):
                 raise OSError(errno.EIO, f"the write failed ({str(e).strip().splitlines()[-1]})",
                               str(self.root / name)) from e
             raise

@@ -1,0 +1,124 @@
+"""Nothing lost, nothing wrong in silence: run folders stay inside --output-dir, --start-over
+replaces only what lora-pipeline made, one process per run folder, commands written for the
+user are quoted, and each file error gets the message that fits it."""
+
+import errno
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import SAMPLE
+from lora_pipeline.errors import PipelineError
+from lora_pipeline.flows.cli import os_error_message
+from lora_pipeline.report import resume_command, write_failure_summary
+from lora_pipeline.run_folder import RunFolder
+from lora_pipeline.settings import TrainSettings
+from lora_pipeline.train import TrainingRun
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """An output folder inside a folder of the user's, each with files that must survive."""
+    (tmp_path / "precious.txt").write_text("the user's")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's too")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[:12]))
+    return tmp_path, out, data
+
+
+def untouched(tmp_path):
+    return (tmp_path / "precious.txt").read_text() == "the user's" and \
+        (tmp_path / "out" / "notes.txt").read_text() == "the user's too"
+
+
+@pytest.mark.parametrize("name", ["..", ".", "/etc", "../escape", "a/b", ".hidden", "", "x" * 101])
+def test_a_run_name_is_one_folder_name(workspace, name):
+    tmp_path, out, data = workspace
+    with pytest.raises(PipelineError, match=r"--run-name \(run_name\) .*: must be one folder name"):
+        TrainingRun(TrainSettings(data=str(data), output_dir=str(out), run_name=name, start_over=True,
+                                  backend="local")).open()
+    assert untouched(tmp_path)
+
+
+def test_start_over_replaces_only_a_run_folder(workspace):
+    tmp_path, out, data = workspace
+    mine = out / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(PipelineError, match="holds no lora-pipeline config.json, so it is not a run folder"):
+        TrainingRun(TrainSettings(data=str(data), output_dir=str(out), run_name="mine", start_over=True,
+                                  backend="local")).open()
+    assert (mine / "thesis.tex").read_text() == "years of work" and untouched(tmp_path)
+
+
+def test_a_symbolic_link_is_never_followed_or_replaced(workspace):
+    tmp_path, out, data = workspace
+    (out / "link").symlink_to(tmp_path)
+    with pytest.raises(PipelineError, match="is a symbolic link or a file, not a run folder"):
+        TrainingRun(TrainSettings(data=str(data), output_dir=str(out), run_name="link", start_over=True,
+                                  backend="local")).open()
+    assert untouched(tmp_path)
+
+
+def _hold_lock(folder) -> subprocess.Popen:
+    """Another process holding `folder`'s lock, as a running training does."""
+    code = ("import sys, time\nfrom lora_pipeline.run_folder import RunFolder\n"
+            f"RunFolder({str(folder)!r}).lock()\nprint('locked', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_process_on_a_run_folder_is_refused_and_touches_nothing(workspace):
+    tmp_path, out, data = workspace
+    run = out / "r"
+    run.mkdir()
+    (run / "config.json").write_text('{"format": 2}')
+    (run / ".tmp-checkpoint_step_4-abc").mkdir()  # the other process's save in flight
+    holder = _hold_lock(run)
+    try:
+        with pytest.raises(PipelineError, match=rf"{run} is in use by another lora-pipeline process \(PID {holder.pid}\)"):
+            TrainingRun(TrainSettings(data=str(data), output_dir=str(out), run_name="r", start_over=True,
+                                      backend="local")).open()
+        assert (run / ".tmp-checkpoint_step_4-abc").is_dir() and (run / "config.json").exists()
+        # Its failure note goes beside the folder, not into the other process's folder.
+        path, _ = write_failure_summary(str(out), "r", "in use", time.time())
+        assert path == out / "last_failure.md" and not (run / "failure.md").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Released when its holder dies, however it dies.
+    folder = RunFolder(run)
+    folder.lock()
+    folder.unlock()
+
+
+def test_the_resume_command_is_quoted_for_the_shell(tmp_path):
+    config = {"data": str(tmp_path / "my data; echo PWNED.jsonl"), "batch": 4, "learning_rate": 5e-4,
+              "run_dir": str(tmp_path / "out dir" / "r1"), "start_over": False}
+    command = resume_command(config)
+    assert shlex.split(command) == ["lora-pipeline", "train", "--data", config["data"], "--batch", "4",
+                                    "--learning-rate", "0.0005", "--output-dir", str(tmp_path / "out dir"),
+                                    "--run-name", "r1"]
+    out = subprocess.run(["bash", "-c", f"echo {command}"], capture_output=True, text=True).stdout
+    assert "PWNED" in out and out.count("\n") == 1  # printed as text, not run
+
+
+@pytest.mark.parametrize("code, command, said", [
+    (errno.ENOSPC, "train", "the disk is full. Free space, or choose another --output-dir. Earlier files"),
+    (errno.EEXIST, "prepare", "something is already there. Remove it, or choose another --output."),
+    (errno.ENOTDIR, "prepare", "part of that path is a file, not a folder. Choose another --output."),
+    (errno.ELOOP, "train", "a symbolic link is in the way, which lora-pipeline does not follow"),
+    (errno.EACCES, "run", "permission denied. Choose a folder you can write to with --output-dir."),
+    (errno.EROFS, "test", "the file system is read-only. Choose another --output."),
+])
+def test_each_file_error_gets_its_own_message(code, command, said):
+    message = os_error_message(command, OSError(code, os.strerror(code), "/data/out.jsonl"))
+    assert message.startswith("/data/out.jsonl: ") and said in message
+    assert ("continue from the last checkpoint" in message) == (command in ("train", "run", "sweep"))
