@@ -1,5 +1,7 @@
 import os
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,30 @@ os.environ.setdefault("LORA_PIPELINE_RETRY_DELAY", "0.2")
 # Tests must not pick the tinker backend because the developer has a key exported.
 os.environ.pop("TINKER_API_KEY", None)
 sys.path.insert(0, str(Path(__file__).parent))
+# Every process the tests start inherits this mark, however it was started: at the end, none
+# may still be running (servers, workers, databases, commands killed half-way).
+SESSION_MARK = "LORA_PIPELINE_TEST_SESSION"
+os.environ[SESSION_MARK] = uuid.uuid4().hex
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    yield
+    import psutil
+
+    def ours() -> list:
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.pid != os.getpid() and p.environ().get(SESSION_MARK) == os.environ[SESSION_MARK]:
+                    found.append(" ".join(p.cmdline()))
+            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+                pass
+        return found
+    deadline = time.monotonic() + 20  # a stopped process may take a moment to go
+    while (left := ours()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes the tests started are still running: {left}"
 
 
 @pytest.fixture(scope="session")

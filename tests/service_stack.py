@@ -28,12 +28,13 @@ FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 class ServiceStack:
-    def __init__(self, database: str = "postgresql", workers: int = 2, env: dict | None = None):
+    def __init__(self, database: str = "postgresql", workers: int = 2, env: dict | None = None,
+                 deploy: bool = True):
         # PostgreSQL runs as its own user when we are root: its folder must not be under a
         # private one (pytest's tmp_path is).
         self.root = Path(tempfile.mkdtemp(prefix="lora-service-", dir="/tmp"))
         self.root.chmod(0o755)
-        self.database, self.n_workers, self.extra_env = database, workers, env or {}
+        self.database, self.n_workers, self.extra_env, self.deploy = database, workers, env or {}, deploy
         self.workers: dict[str, subprocess.Popen] = {}
         self._stops: list = []
 
@@ -72,8 +73,9 @@ class ServiceStack:
             except httpx.HTTPError:
                 return False
         processes.wait_until(f"the Prefect server on {self.database}", healthy, 180, self.server, every=1)
-        self.prefect("work-pool", "create", "lora-pipeline", "--type", "process")
-        self.deployed = self.prefect("--no-prompt", "deploy", "--all", cwd=ROOT).stdout
+        if self.deploy:
+            self.prefect("work-pool", "create", "lora-pipeline", "--type", "process")
+            self.deployed = self.prefect("--no-prompt", "deploy", "--all", cwd=ROOT).stdout
         for i in range(self.n_workers):
             self.start_worker(f"worker-{i}")
         return self

@@ -94,3 +94,33 @@ def test_run_does_the_whole_pipeline_from_the_command_line(tmp_path, small_data)
     assert "On held-out data the LoRA" in r.stdout
     results = json.loads((run / "results.json").read_text())["results"]
     assert results and all("base_response" in row for row in results)  # held-out prompts, compared
+
+
+@pytest.mark.slow
+def test_a_killed_command_takes_its_temporary_prefect_server_with_it(tmp_path, small_data):
+    import psutil
+
+    from lora_pipeline.processes import wait_until
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TINKER_API_KEY", "PREFECT_API_URL")}
+    proc = subprocess.Popen([CLI, "train", "--data", small_data, "--batch", "2", "--max-steps", "50",
+                             "--output-dir", tmp_path / "out"], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        [server] = wait_until("the temporary Prefect server", lambda: [
+            c for c in psutil.Process(proc.pid).children() if "uvicorn" in " ".join(c.cmdline())], 180, proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_until("the server to go", lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE, 15)
+
+
+def test_a_temporary_server_that_cannot_start_is_one_line_of_what_to_do(tmp_path, small_data):
+    env = {k: v for k, v in os.environ.items() if k not in ("TINKER_API_KEY", "PREFECT_API_URL")}
+    env["LORA_PIPELINE_SERVER_TIMEOUT"] = "0.001"  # as on a machine too busy to start one in time
+    r = subprocess.run([CLI, "train", "--data", small_data, "--output-dir", "out"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr
+    assert "temporary Prefect server: not ready after 0.001 s" in r.stderr
+    assert "make server" in r.stderr and "PREFECT_API_URL=http://127.0.0.1:4200/api" in r.stderr

@@ -46,11 +46,17 @@ def test_pipeline_flow_runs_every_stage_as_tasks(prefect_harness, tmp_path, smal
     names = {r.name for r in runs}
     assert {"step-1", "step-2", "step-3", "checkpoint-step-2"} <= names
     stages = {r.name.rsplit("-", 1)[0] for r in runs}
-    assert {"prepare-data", "train-adapter", "evaluate-adapter", "write-report"} <= stages
-    assert all(r.state.is_completed() for r in runs)
+    assert {"prepare-data", "find-finished-training", "start-training", "validate-base", "save-final-weights",
+            "evaluate-adapter", "write-report"} <= stages
+    assert {r.state.name for r in runs} == {"Completed"}
     by_key = {a.key: a for a in artifacts}
     assert sorted(by_key) == ["lora-pipeline-answers", "lora-pipeline-checkpoints", "lora-pipeline-data",
-                              "lora-pipeline-progress", "lora-pipeline-report", "lora-pipeline-report-link"]
+                              "lora-pipeline-evaluation", "lora-pipeline-progress", "lora-pipeline-report",
+                              "lora-pipeline-report-link"]
+    # The evaluation said how far it was, for the LoRA and then for the base model.
+    evaluation = by_key["lora-pipeline-evaluation"]
+    assert evaluation.type == "progress" and evaluation.data == 100
+    assert evaluation.description.startswith("base model: 2/2 prompts answered") and "tokens/s" in evaluation.description
     assert "Training loss" in by_key["lora-pipeline-report"].description
     assert by_key["lora-pipeline-progress"].type == "progress" and by_key["lora-pipeline-progress"].data == 100
     assert "step 3/3" in by_key["lora-pipeline-progress"].description
@@ -87,8 +93,11 @@ def test_a_rerun_reuses_finished_stages_and_a_changed_byte_redoes_them(prefect_h
     second = lora_pipeline(**params, return_state=True)
     assert second.result()["summary"].run_dir == first.result()["summary"].run_dir
     assert _task_states(second.state_details.flow_run_id) == {
-        "prepare-data": "Cached", "train-adapter": "Cached", "evaluate-adapter": "Cached",
+        "prepare-data": "Cached", "find-finished-training": "Cached", "evaluate-adapter": "Cached",
         "write-report": "Completed"}
+    # The data artifact comes from the cached report too.
+    _, artifacts = asyncio.run(_task_runs_and_artifacts(second.state_details.flow_run_id))
+    assert "lora-pipeline-data" in {a.key for a in artifacts}
 
     # A cached result whose files are gone (deleted, or another checkout's) is made again.
     import shutil

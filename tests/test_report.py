@@ -9,7 +9,8 @@ import re
 import pytest
 
 from lora_pipeline.evaluate import compare
-from lora_pipeline.report import checkpoint_rows, loss_figure, overfitting, shares_span, write_report
+from lora_pipeline.report import (checkpoint_rows, loss_figure, md_cell, md_quote, md_text, overfitting, shares_span,
+                                  write_report)
 from lora_pipeline.run_folder import CheckpointRecord, RunSummary
 from lora_pipeline.settings import SampleSettings, TrainSettings
 from lora_pipeline.train import TrainingRun, train
@@ -103,3 +104,14 @@ def test_report_html_shows_the_run_as_logged(tmp_path, small_data):
     assert "verbatim" in page and f"{summary.tokens:,}" in page
     assert report["metrics"]["verbatim"].keys() == {"lora", "base"}
     assert (run_dir / "report.md").read_text() == report["markdown"]
+    # In markdown (the report artifact), model and user text is escaped and keeps its lines.
+    assert "> What is 2 \\< 3 & why?" in report["markdown"]
+    for r in results["results"]:
+        assert md_quote(r["lora_response"]) in report["markdown"]
+
+
+def test_markdown_shows_model_text_as_written():
+    assert md_text("10*8 = 80. Now 8*10, _x_ `y` [a](b) <b> # h | t") == \
+        "10\\*8 = 80\\. Now 8\\*10, \\_x\\_ \\`y\\` \\[a\\]\\(b\\) \\<b\\> \\# h \\| t"
+    assert md_quote("first\n\n    indented") == "> first\n> \n>     indented"
+    assert md_cell("two\nlines | here") == "two lines \\| here"

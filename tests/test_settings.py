@@ -106,3 +106,14 @@ def test_both_engines_have_the_engine_interface():
         for name in methods:
             expected = list(inspect.signature(getattr(Engine, name)).parameters)
             assert list(inspect.signature(getattr(cls, name)).parameters) == expected, (cls, name)
+
+
+def test_run_and_test_both_take_compare_base_either_way():
+    from lora_pipeline.flows.cli import parser
+
+    run = ["run", "--dataset", "d.jsonl"]
+    assert parser().parse_args(run).compare_base is True  # the pipeline compares by default
+    assert parser().parse_args(run + ["--no-compare-base"]).compare_base is False
+    test = ["test", "--lora-weights", "w"]
+    assert parser().parse_args(test).compare_base is False  # as the workflow's test script
+    assert parser().parse_args(test + ["--compare-base"]).compare_base is True

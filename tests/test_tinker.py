@@ -143,6 +143,8 @@ def test_failed_requests_are_retried_by_the_task(prefect_harness, server, tmp_pa
     messages, task_runs = _messages(state)
     assert sum("Retry" in m and "RequestFailedError" in m for m in messages) == 1, messages
     assert sorted(t.run_count for t in task_runs if t.name.startswith("step-")) == [1, 1, 2]
+    # A retried step leaves the tasks that had completed as they were: none shows RolledBack.
+    assert {t.state.name for t in task_runs} == {"Completed"}
     log = json.loads((tmp_path / "runs" / "t" / "training_log.json").read_text())
     assert [r["step"] for r in log] == [1, 2, 3]
 
