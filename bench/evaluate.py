@@ -38,7 +38,6 @@ def main() -> None:
         run = TrainingRun(TrainSettings(data=str(SAMPLE), batch=8, max_steps=2, save_every=0, backend="local",
                                         output_dir=tmp, run_name="adapter", learning_rate=5e-4)).open()
         summary = train(run)
-        run.close()
         info = adapter_info(summary.final_lora_weights)
         engine = make_engine("local", SMOLLM2, rank=info["rank"], seed=0, request_timeout=120, weights=info)
         inputs = [engine.renderer.build_generation_prompt(p) for p in prompts]

@@ -111,6 +111,9 @@ class RunFolder:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            if holder == str(os.getpid()):
+                raise PipelineError(f"{self.path} is already open in this process: close the other "
+                                    "TrainingRun first") from None
             raise PipelineError(f"{self.path} is in use by another lora-pipeline process (PID {holder}); "
                                 "wait for it to end, or stop it, then run this again") from None
         os.ftruncate(fd, 0)

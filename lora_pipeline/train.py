@@ -438,16 +438,21 @@ class TrainingRun:
 
 def train(run: TrainingRun, step=TrainingRun.step, save=TrainingRun.save_checkpoint,
           finish=TrainingRun.finish, validate=TrainingRun.validate) -> RunSummary:
-    """Train an opened run to the end and return its summary. `step`, `save`, `finish` and
+    """Train an opened run to the end, close it, and return its summary. `step`, `save`, `finish` and
     `validate` are called as `step(run, n)`, `save(run, n)`, `finish(run)`, `validate(run, 0)`;
     the Prefect layer passes tasks here so that each is a task run of its own, retried on its
     own."""
-    done = run.finished()
-    if done:
-        return done
-    validate(run, 0)  # the base model's held-out loss, once
-    for n in range(run.first_step, run.total_steps + 1):
-        step(run, n)
-        if run.saves_at(n):
-            save(run, n)
-    return finish(run)
+    try:
+        summary = run.finished()
+        if not summary:
+            validate(run, 0)  # the base model's held-out loss, once
+            for n in range(run.first_step, run.total_steps + 1):
+                step(run, n)
+                if run.saves_at(n):
+                    save(run, n)
+            summary = finish(run)
+    except BaseException:
+        run.close("errored")  # the session ends and the run folder is free for the next try
+        raise
+    run.close()
+    return summary

@@ -104,16 +104,10 @@ def _train(settings: TrainSettings) -> RunSummary:
                                              f"loss {record['loss']:.4f}")
         return record
 
-    try:
-        progress = create_progress_artifact(
-            100 * (run.first_step - 1) / run.total_steps, key="lora-pipeline-progress",
-            description=f"{run.run_dir.name}: training from step {run.first_step} of {run.total_steps}")
-        summary = train(run, step=step_with_progress,
-                        save=save_checkpoint.with_options(timeout_seconds=backstop),
-                        finish=finish_training, validate=validate_base)
-    except BaseException:
-        run.close("errored")
-        raise
-    run.close()
+    progress = create_progress_artifact(
+        100 * (run.first_step - 1) / run.total_steps, key="lora-pipeline-progress",
+        description=f"{run.run_dir.name}: training from step {run.first_step} of {run.total_steps}")
+    summary = train(run, step=step_with_progress, save=save_checkpoint.with_options(timeout_seconds=backstop),
+                    finish=finish_training, validate=validate_base)
     get_run_logger().info("final LoRA weights: %s", summary.final_lora_weights)
     return summary

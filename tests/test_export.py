@@ -38,7 +38,6 @@ def tinker_run(tmp_path_factory):
                                         base_model=SMOLLM2, rank=8, output_dir=str(tmp / "runs"), run_name="t",
                                         request_timeout=10)).open()
         train(run)
-        run.close()
         yield server, run.run_dir
 
 

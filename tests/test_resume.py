@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from lora_pipeline.errors import PipelineError
+from lora_pipeline.run_folder import RunFolder
 from lora_pipeline.settings import TrainSettings
 from lora_pipeline.train import TrainingRun, train
 
@@ -221,12 +222,11 @@ def test_changed_final_weights_of_a_finished_run_are_saved_again(tmp_path, clean
 def test_a_diverging_run_stops_and_saves_no_non_finite_weights(tmp_path, clean_run):
     data, _ = clean_run
     with pytest.raises(PipelineError, match=r"the training loss is (nan|inf).*not a finite number.*Lower --learning-rate"):
-        train(TrainingRun(config(data, tmp_path, "r", learning_rate=1e30)).open())
+        train(TrainingRun(config(data, tmp_path, "r", learning_rate=1e30, save_every=1)).open())
     run_dir = tmp_path / "r"
     assert not (run_dir / "final_lora_weights").exists()
     log = json.loads((run_dir / "training_log.json").read_text())  # valid JSON: no NaN in it
     assert all(math.isfinite(r["loss"]) for r in log)
-    for entry in (run_dir / "checkpoints.jsonl").read_text().splitlines():
-        name = json.loads(entry)["name"]
-        weights = load_file(str(run_dir / name / "adapter_model.safetensors"))
-        assert all(bool(v.isfinite().all()) for v in weights.values()), name
+    for entry in RunFolder(run_dir).registry():
+        weights = load_file(str(run_dir / entry.name / "adapter_model.safetensors"))
+        assert all(bool(v.isfinite().all()) for v in weights.values()), entry.name
