@@ -112,7 +112,7 @@ def test_other_data_or_settings_are_refused_unless_starting_over(tmp_path, clean
     with pytest.raises(PipelineError, match="data_sha256"):
         TrainingRun(config(changed, clean.parent, "clean")).open()
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "config.json").write_text(json.dumps({"batch": 4}))  # an older version's
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"format": 1, "batch": 4}))  # an older version's
     with pytest.raises(PipelineError, match="another version of lora-pipeline"):
         TrainingRun(config(data, tmp_path, "r")).open()
     run = TrainingRun(config(data, tmp_path, "r", start_over=True, max_steps=2)).open()
