@@ -64,7 +64,9 @@ def check_base_model(backend: str, base_model: str) -> None:
         check_local_model(base_model)
 
 
-def make_engine(backend: str, base_model: str, rank: int, seed: int, root, request_timeout: float):
+def make_engine(backend: str, base_model: str, rank: int, seed: int, root, request_timeout: float,
+                device: str = "auto"):
+    """`device` ("auto", "cpu", "cuda") places the local engine; Tinker ignores it."""
     if backend == "tinker":
         check_tinker_ready()
         from .tinker_engine import TinkerEngine
@@ -72,7 +74,7 @@ def make_engine(backend: str, base_model: str, rank: int, seed: int, root, reque
         return TinkerEngine(base_model, rank, seed, root, request_timeout)
     from .local import LocalEngine
 
-    return LocalEngine(base_model, rank, seed, root=root)
+    return LocalEngine(base_model, rank, seed, root=root, device=device)
 
 
 def check_tinker_ready() -> None:
@@ -82,7 +84,7 @@ def check_tinker_ready() -> None:
                             "or train on this machine with --backend local")
 
 
-def open_sampler(info: dict, base_model: str, seed: int, request_timeout: float):
+def open_sampler(info: dict, base_model: str, seed: int, request_timeout: float, device: str = "auto"):
     """An engine to answer prompts with saved LoRA weights (`info` is the lora_pipeline.json
     saved beside them) and with their base model."""
     if info["backend"] == "tinker":
@@ -93,4 +95,4 @@ def open_sampler(info: dict, base_model: str, seed: int, request_timeout: float)
                             sampler_path=info["sampler_path"])
     from .local import LocalEngine
 
-    return LocalEngine(base_model, info["rank"], seed, adapter=info["folder"])
+    return LocalEngine(base_model, info["rank"], seed, adapter=info["folder"], device=device)
