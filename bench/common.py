@@ -6,7 +6,7 @@ import platform
 import sys
 import time
 from datetime import datetime, timezone
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -17,7 +17,15 @@ def machine() -> dict:
         mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
     return {"cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1), "platform": platform.platform(),
             "python": sys.version.split()[0],
-            "versions": {p: version(p) for p in ("torch", "transformers", "peft", "tinker", "prefect", "datasets")}}
+            "versions": {p: installed(p) for p in ("torch", "transformers", "peft", "tinker", "prefect", "datasets")}}
+
+
+def installed(package: str) -> str | None:
+    """The package's version; None where it is not installed (a GPU machine may lack some)."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def write(name: str, figures: dict) -> Path:
