@@ -4,9 +4,11 @@
 #   2. the project and what the machine lacks, from a wheel folder made by bench/gpu_wheels.py
 #      (pip install --no-index: no registry needed), or from the registry when there is none;
 #   3. the GPU-marked tests (log in bench/results/gpu_tests.log);
-#   4. bench/throughput.py --device cuda (figures in bench/results/throughput_gpu.json).
+#   4. bench/throughput.py --device cuda (figures in bench/results/throughput_gpu.json, written
+#      after each variant, so a run cut short keeps what it measured).
 # Settings (environment): PYTHON (python3), WHEELS (wheels/), VENV (.venv-gpu),
-# BENCH_ARGS (e.g. --quick, to leave out the torch.compile variants).
+# BENCH_ARGS (e.g. --quick, to leave out the torch.compile variants), BENCH_RESULTS (another
+# folder for the log and the figures).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -49,12 +51,13 @@ if not torch.cuda.is_available():
 print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
 EOF
 
-mkdir -p bench/results
-"$VENV/bin/python" -m pytest -q -m gpu tests/test_devices.py 2>&1 | tee bench/results/gpu_tests.log
+results=${BENCH_RESULTS:-bench/results}
+mkdir -p "$results"
+"$VENV/bin/python" -m pytest -q -m gpu tests/test_devices.py 2>&1 | tee "$results/gpu_tests.log"
 tests=${PIPESTATUS[0]}
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
 "$VENV/bin/python" bench/throughput.py --device cuda ${BENCH_ARGS:-}
 bench=$?
-[ "$tests" -eq 0 ] || fail "GPU tests failed (bench/results/gpu_tests.log)"
+[ "$tests" -eq 0 ] || fail "GPU tests failed ($results/gpu_tests.log)"
 [ "$bench" -eq 0 ] || fail "the benchmark failed"
-echo "GPU tests passed; figures in bench/results/throughput_gpu.json"
+echo "GPU tests passed; figures in $results/throughput_gpu.json"
