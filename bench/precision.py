@@ -63,6 +63,7 @@ def train(device: str, setting: str, steps: int) -> dict:
             before = [p.detach().clone() for p in engine.optimizer.param_groups[0]["params"]]
         engine.optim_step(types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8)).result()
         record["train_loss"].append(per_token(out, batch))
+        print(setting, step, round(record["train_loss"][-1], 4), flush=True)
     after = engine.optimizer.param_groups[0]["params"]
     unchanged = sum(int((a == b).sum()) for a, b in zip(after, before))
     record["last_step_left_unchanged"] = unchanged / sum(p.numel() for p in after)

@@ -85,9 +85,10 @@ class LocalEngine:
         # Recorded in adapter_config.json, so `test` knows the base without being told.
         self.model.peft_config["default"].base_model_name_or_path = base_model
         params = [p for p in self.model.parameters() if p.requires_grad]
-        # LoRA weights (and so Adam's moments) in float32 under a bfloat16 base: the updates, a
-        # learning rate times a small Adam step, would mostly round away in bfloat16's 8-bit
-        # mantissa. PEFT does this by default; a no-op then, and on a float32 base.
+        # LoRA weights (and so Adam's moments) in float32 under a bfloat16 base: in bfloat16 the
+        # updates, a learning rate times an Adam step, round away (bench/precision.py: the 10th
+        # step of the demo's schedule left 38% of bfloat16 LoRA weights unchanged). PEFT does
+        # this by default; a no-op then, and on a float32 base.
         for p in params:
             p.data = p.data.float()
         # On the GPU the fused AdamW updates every LoRA tensor in one kernel; the CPU keeps the
@@ -143,8 +144,8 @@ class LocalEngine:
         weights = weights.to(self.device, non_blocking=True)
         try:
             logits = self._forward(input_ids=inputs.to(self.device, non_blocking=True), **kwargs).logits
-            # The log-softmax over the vocabulary in float32: in bfloat16 a log-prob near -10 is
-            # off by up to 0.03. A no-op when the model computes in float32.
+            # The log-softmax over the vocabulary in float32: taken in bfloat16 a token's log-prob
+            # is off by up to 0.02 (bench/precision.py). A no-op when the model computes in float32.
             logprobs = -F.cross_entropy(logits.float().transpose(1, 2), targets.to(self.device, non_blocking=True),
                                         reduction="none")
         except torch.cuda.OutOfMemoryError:
