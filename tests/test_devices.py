@@ -19,9 +19,11 @@ from lora_pipeline.render import render_conversations
 from tiny_model import DEVICES, tiny  # noqa: F401  (tiny is a fixture)
 
 ADAM = types.AdamParams(learning_rate=1e-2)
-# Two runs of the same steps on one device agree to float rounding; a step applied twice or
-# lost moves the LoRA weights by about the learning rate, 1e-2.
-SAME = {"cpu": 1e-6, "cuda": 1e-5}
+# Two runs of the same steps agree to float rounding on the CPU; on a GPU, where attention's
+# backward may add in a varying order, and between devices, more loosely. A step applied twice
+# or lost moves the LoRA weights by about the learning rate, 1e-2, far beyond either.
+SAME = {"cpu": 1e-6, "cuda": 1e-3}
+CLOSE = {"cpu": 1e-4, "cuda": 1e-3}
 
 
 def make(model, device, root=None, seed=0, **kwargs) -> LocalEngine:
@@ -93,7 +95,7 @@ def test_a_state_continues_on_the_other_device(tiny, tmp_path, first, then):
     moments = [t for s in moved.optimizer.state.values() for k, t in s.items() if k != "step"]
     assert moments and all(t.device.type == then and t.dtype == torch.float32 for t in moments)
     step(moved, b3), step(moved, b4)
-    assert max_diff(lora_weights(engine), lora_weights(moved)) <= 1e-4
+    assert max_diff(lora_weights(engine), lora_weights(moved)) <= CLOSE["cuda"]
 
 
 def as_if_saved_on_a_gpu(path) -> None:
@@ -159,7 +161,7 @@ def test_packed_training_follows_padded_training(tiny, device):
         for batch in batches(engine, n=3):
             step(engine, batch)
         runs.append(lora_weights(engine))
-    assert max_diff(*runs) <= 1e-4
+    assert max_diff(*runs) <= CLOSE[device]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -194,7 +196,7 @@ def test_compiled_training_matches_eager(tiny, mode):
     for compile_mode in (None, mode):
         engine = make(tiny, "cuda", dtype="float32", compile_mode=compile_mode)
         losses.append([step(engine, batch) for batch in batches(engine)])
-    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
