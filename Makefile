@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= runs
 
-.PHONY: install run test test-fast lint serve server postgres pool deploy worker bench clean
+.PHONY: install run test test-fast lint serve server postgres pool deploy worker bench bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -66,6 +66,13 @@ serve: install
 bench: install
 	for b in orchestration tinker_pipelining throughput prepare evaluate rerun; do \
 		$(BIN)/python bench/$$b.py || exit 1; done
+
+# On a GPU machine whose python3 has a CUDA build of PyTorch: the GPU-marked tests and
+# `bench/throughput.py --device cuda`, in a venv of its own (.venv-gpu) that installs the rest from
+# wheels/ (bench/gpu_wheels.py makes it; no registry needed) or else from the registry.
+# Figures: bench/results/throughput_gpu.json. BENCH_ARGS=--quick leaves out torch.compile.
+bench-gpu:
+	bash bench/gpu_run.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -5,11 +5,12 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, UTC
-from importlib.metadata import version
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+# BENCH_RESULTS: another folder, e.g. one that a remote machine hands back even when cut short.
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def machine() -> dict:
@@ -17,11 +18,19 @@ def machine() -> dict:
         mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
     return {"cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1), "platform": platform.platform(),
             "python": sys.version.split()[0],
-            "versions": {p: version(p) for p in ("torch", "transformers", "peft", "tinker", "prefect", "datasets")}}
+            "versions": {p: installed(p) for p in ("torch", "transformers", "peft", "tinker", "prefect", "datasets")}}
+
+
+def installed(package: str) -> str | None:
+    """The package's version; None where it is not installed (a GPU machine may lack some)."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def write(name: str, figures: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     record = {"benchmark": name, "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": machine(), **figures}

@@ -4,7 +4,12 @@ batches and lengths; the share of computed tokens that are padding, with the pip
 length-grouped batches and with plain shuffled ones; and each loop's peak resident memory
 (measured in a child process of its own).
 
-    python bench/throughput.py [--steps 10] [--repeats 2]
+    python bench/throughput.py [--steps 10] [--repeats 2]     # on the CPU: bench/results/throughput.json
+    python bench/throughput.py --device cuda [--quick]       # on a GPU: bench/results/throughput_gpu.json
+
+On a GPU the engine is timed against a plain loop on batches of 8 x 512 tokens and on the sample
+chats, for SmolLM2-135M and a SmolLM2-1.7B-shaped model (bench/gpu_throughput.py); --quick
+leaves out the torch.compile variants, which take minutes to compile.
 """
 
 import argparse
@@ -94,9 +99,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--quick", action="store_true", help="on a GPU: leave out the torch.compile variants")
     ap.add_argument("--rss-of", choices=["pipeline", "plain"], help=argparse.SUPPRESS)
     ap.add_argument("--batches", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.device == "cuda":
+        from gpu_throughput import main as gpu_main
+
+        return gpu_main(a.quick, write)
+    if torch.cuda.is_available():
+        # The pipeline's engine takes the GPU when it sees one ("auto"); the plain loop here
+        # runs on the CPU, so both must see the CPU alone.
+        sys.exit("bench/throughput.py measures the CPU: run it with CUDA_VISIBLE_DEVICES= on a GPU "
+                 "machine, or pass --device cuda")
     if a.rss_of:
         return measure_rss(a.rss_of, a.steps, a.batches)
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,6 +12,8 @@ from urllib.parse import urlparse
 from .errors import PipelineError
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TINKER_MODEL = "Qwen/Qwen3-8B"
 
@@ -123,7 +125,39 @@ def load_tokenizer(base_model: str):
     return AutoTokenizer.from_pretrained(resolve_local_model(base_model))
 
 
-def load_model(base_model: str):
+def resolve_device(device: str) -> str:
+    """"cpu" or "cuda" for `device`: "auto" is the GPU when PyTorch sees one, else the CPU."""
+    import torch
+
+    if device not in DEVICES:
+        raise PipelineError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        why = ("this PyTorch is built without CUDA" if torch.version.cuda is None
+               else f"PyTorch (CUDA {torch.version.cuda}) finds no GPU or driver")
+        raise PipelineError(f"--device cuda: no CUDA device ({why}, torch {torch.__version__}); "
+                            "use --device cpu, or auto to take a GPU only when there is one")
+    return "cuda"
+
+
+def resolve_dtype(device: str, dtype: str = "auto") -> str:
+    """The base weights' dtype. "auto": bfloat16 on a GPU that computes in it natively (half the
+    memory and memory traffic of float32, and the tensor cores), float32 elsewhere: on the CPU,
+    as before, and on GPUs older than Ampere, where bfloat16 is emulated."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise PipelineError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return dtype
+    if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bfloat16"
+    return "float32"
+
+
+def load_model(base_model: str, dtype: str = "float32"):
+    """The base model's weights in `dtype`, on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(resolve_local_model(base_model), dtype="float32")
+    return AutoModelForCausalLM.from_pretrained(resolve_local_model(base_model), dtype=dtype)

@@ -17,6 +17,7 @@ os.environ.setdefault("LORA_PIPELINE_RETRY_DELAY", "0.2")
 # Tests must not pick the tinker backend because the developer has a key exported.
 os.environ.pop("TINKER_API_KEY", None)
 sys.path.insert(0, str(Path(__file__).parent))
+pytest_plugins = ["tiny_model"]  # its `tiny` fixture: a small random model folder
 # Every process the tests start inherits this mark, however it was started: at the end, none
 # may still be running (servers, workers, databases, commands killed half-way).
 SESSION_MARK = "LORA_PIPELINE_TEST_SESSION"

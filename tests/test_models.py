@@ -1,13 +1,20 @@
-"""The SmolLM2 cache: converted once from GGUF, and equal to the GGUF original on real text."""
+"""Base models: the SmolLM2 cache (converted once from GGUF, and equal to the GGUF original on
+real text), and any transformers model folder."""
 
 import importlib.util
 from pathlib import Path
 
+import torch
+from peft import PeftModel
 from tinker import types
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import SAMPLE
+from lora_pipeline.data import read_chat_jsonl
 from lora_pipeline.engines.local import LocalEngine
-from lora_pipeline.models import SMOLLM2, SMOLLM2_GGUF, load_tokenizer
+from lora_pipeline.models import SMOLLM2, SMOLLM2_GGUF, check_local_model, load_tokenizer
+from lora_pipeline.render import render_conversations
+from tiny_model import SMOLLM2_CHAT_TEMPLATE
 
 TEXTS = [
     "Hello world, how are you?  Two  spaces,\ttabs and\nnew lines.",
@@ -33,3 +40,43 @@ def test_cached_model_answers_like_smollm2():
     [seq] = engine.sample([prompt], types.SamplingParams(max_tokens=30, temperature=0), lora=False).result()
     assert "Paris" in engine.tokenizer.decode(seq.tokens)
     assert seq.stop_reason == "stop"
+
+
+def step(engine, data) -> float:
+    out = engine.forward_backward(data)
+    engine.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    return out.result().metrics["loss:sum"] / sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in data)
+
+
+def test_the_tiny_test_model_carries_smollm2s_chat_template():
+    assert load_tokenizer(SMOLLM2).chat_template == SMOLLM2_CHAT_TEMPLATE
+
+
+def test_any_model_folder_trains_resumes_samples_and_loads_with_plain_peft(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tiny.parent)  # named as on a command line, relative to the working folder
+    check_local_model("model")
+    engine = LocalEngine("model", rank=4, seed=0, root=tmp_path / "run")
+    assert engine.placement["dtype"] == "float32"
+    data, _ = render_conversations(read_chat_jsonl(SAMPLE)[:8], engine.renderer, 256)
+    assert engine.tokenizer.decode(data[0].model_input.to_ints()).startswith("<|im_start|>user\n")
+    losses = [step(engine, data) for _ in range(4)]
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])) and losses[-1] < 0.95 * losses[0], losses
+    saved = engine.save_state("state").result()
+    step(engine, data)
+
+    resumed = LocalEngine("model", rank=4, seed=1, root=tmp_path / "resumed")
+    resumed.load_state(saved)
+    step(resumed, data)
+    ids = torch.tensor([data[0].model_input.to_ints()])
+    with torch.no_grad():
+        expected = engine.model(input_ids=ids).logits
+        assert torch.allclose(resumed.model(input_ids=ids).logits, expected, atol=1e-5)
+
+    final = engine.save_weights_for_sampler("final").result()
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("model"), final)
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-5)
+    prompt = engine.renderer.build_generation_prompt([{"role": "user", "content": "Hello!"}])
+    [answer] = engine.sample([prompt], types.SamplingParams(max_tokens=6, temperature=0)).result()
+    assert 0 < len(answer.tokens) <= 6

@@ -18,7 +18,7 @@ from transformers import GenerationConfig
 
 from ..data import replace_dir, umask_mode
 from ..errors import PipelineError
-from ..models import load_model, load_tokenizer
+from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from ..render import renderer_for
 from . import INFO_FILE
 
@@ -35,16 +35,33 @@ class LocalEngine:
     remote = False  # calls compute when made: queueing the next step ahead would gain nothing
 
     def __init__(self, base_model: str, rank: int, seed: int, root: Path | None = None,
-                 adapter: Path | None = None):
+                 adapter: Path | None = None, device: str = "auto", dtype: str = "auto",
+                 pack: bool = False, compile_mode: str | None = None):
         """A LoRA of `rank` on `base_model`, freshly initialised from `seed`, or loaded from a
-        saved `adapter` folder. Saved states and weights go under `root`."""
+        saved `adapter` folder. Saved states and weights go under `root`.
+
+        `device` is "auto" (the GPU when there is one), "cpu" or "cuda"; `dtype` is the base
+        weights' ("auto": bfloat16 on a GPU that has it, float32 otherwise). The LoRA weights and
+        the optimizer state are float32 whatever the base (bench/precision.py measures why).
+        `pack` puts a batch's sequences end to end in one row instead of padding them (the
+        same losses and gradients, bench/throughput.py times both). `compile_mode` is a
+        torch.compile mode ("default", "reduce-overhead": CUDA graphs) for training and
+        scoring; sampling stays eager."""
         self.base_model, self.rank, self.seed = base_model, rank, seed
         self.root = Path(root) if root else None
+        self.device = torch.device(resolve_device(device))
+        self.dtype = getattr(torch, resolve_dtype(self.device.type, dtype))
+        self.pack = pack
         self.tokenizer = load_tokenizer(base_model)
-        self.renderer = renderer_for(base_model, self.tokenizer)
+        # tinker-cookbook looks renderers up by "org/name" and refuses a bare folder name such
+        # as "my-model"; by its absolute path a folder is simply a model it does not know.
+        folder = Path(base_model).expanduser()
+        self.renderer = renderer_for(str(folder.resolve()) if folder.is_dir() else base_model, self.tokenizer)
         self.stop_tokens = [t for t in self.renderer.get_stop_sequences() if isinstance(t, int)]
-        base = load_model(base_model)
+        base = load_model(base_model, str(self.dtype).removeprefix("torch."))
         base.generation_config = GenerationConfig()  # no sampling defaults carried from the hub
+        # The LoRA is made on the CPU and then moved, so that a seed gives the same initial
+        # weights on every device.
         torch.manual_seed(seed)
         if adapter:
             self.model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
@@ -52,38 +69,87 @@ class LocalEngine:
             config = LoraConfig(r=rank, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                 task_type="CAUSAL_LM")
             self.model = get_peft_model(base, config)
+        self.model.to(self.device)
         # Recorded in adapter_config.json, so `test` knows the base without being told.
         self.model.peft_config["default"].base_model_name_or_path = base_model
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        # LoRA weights (and so Adam's moments) in float32 under a bfloat16 base: in bfloat16 the
+        # updates, a learning rate times an Adam step, round away (bench/precision.py: the 10th
+        # step of the demo's schedule left 38% of bfloat16 LoRA weights unchanged). PEFT does
+        # this by default; a no-op then, and on a float32 base.
+        for p in params:
+            p.data = p.data.float()
+        # On the GPU the fused AdamW updates every LoRA tensor in one kernel; the CPU keeps the
+        # default implementation it always had.
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True if self.device.type == "cuda" else None)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._forward = torch.compile(self.model, mode=compile_mode) if compile_mode else self.model
+
+    @property
+    def placement(self) -> dict:
+        """Where and in what precision this engine computes, for config.json and the report."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"device": self.device.type, "device_name": name,
+                "dtype": str(self.dtype).removeprefix("torch."), "lora_dtype": "float32",
+                "pack": self.pack}
 
     def close(self, status: str = "success") -> None:
         """Nothing to release; here so that both engines can be closed alike."""
 
     # -- training --------------------------------------------------------------------------
-    def _logprobs(self, data: list[types.Datum]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Per-token log-probs of the targets (batch x longest, right-padded) and the weights."""
+    def _logprobs(self, data: list[types.Datum]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of the targets (float32) and the weights, both shaped as the
+        model's input: batch x longest, right-padded, or 1 x all tokens when packed."""
         lengths = [d.model_input.length for d in data]
-        width = max(lengths)
-        inputs = torch.full((len(data), width), self.pad_id, dtype=torch.long)
-        targets = torch.zeros((len(data), width), dtype=torch.long)
-        weights = torch.zeros((len(data), width))
-        mask = torch.zeros((len(data), width), dtype=torch.long)
-        for i, (d, n) in enumerate(zip(data, lengths)):
-            inputs[i, :n] = torch.tensor(d.model_input.to_ints())
-            targets[i, :n] = d.loss_fn_inputs["target_tokens"].to_torch().long()
-            weights[i, :n] = d.loss_fn_inputs["weights"].to_torch().float()
-            mask[i, :n] = 1
-        logits = self.model(input_ids=inputs, attention_mask=mask).logits
-        logprobs = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        return logprobs, weights, lengths
+        tokens = [d.model_input.to_ints() for d in data]
+        if self.pack:
+            # One row, each sequence's positions counting from 0: transformers then lets no
+            # token attend across a sequence boundary (it reads the boundaries from the
+            # positions only without a KV cache), and nothing is spent on padding.
+            inputs = torch.tensor([t for row in tokens for t in row])[None]
+            positions = torch.cat([torch.arange(n) for n in lengths])[None]
+            targets = torch.cat([d.loss_fn_inputs["target_tokens"].to_torch().long() for d in data])[None]
+            weights = torch.cat([d.loss_fn_inputs["weights"].to_torch().float() for d in data])[None]
+            kwargs = {"position_ids": positions.to(self.device, non_blocking=True), "use_cache": False}
+        else:
+            width = max(lengths)
+            inputs = torch.full((len(data), width), self.pad_id, dtype=torch.long)
+            targets = torch.zeros((len(data), width), dtype=torch.long)
+            weights = torch.zeros((len(data), width))
+            mask = torch.zeros((len(data), width), dtype=torch.long)
+            for i, (d, n) in enumerate(zip(data, lengths)):
+                inputs[i, :n] = torch.tensor(tokens[i])
+                targets[i, :n] = d.loss_fn_inputs["target_tokens"].to_torch().long()
+                weights[i, :n] = d.loss_fn_inputs["weights"].to_torch().float()
+                mask[i, :n] = 1
+            # Without padding there is no mask to pass: the attention is then plainly causal, as
+            # it would be with an all-ones mask, without transformers checking on the GPU that
+            # the mask is all ones (a wait for the GPU before every forward).
+            unpadded = min(lengths) == width
+            kwargs = {"attention_mask": None if unpadded else mask.to(self.device, non_blocking=True)}
+        # The batch goes to the device once, the log-probs come back once (_output); on the CPU
+        # both are no-ops.
+        weights = weights.to(self.device, non_blocking=True)
+        try:
+            logits = self._forward(input_ids=inputs.to(self.device, non_blocking=True), **kwargs).logits
+            # The log-softmax over the vocabulary in float32: taken in bfloat16 a token's log-prob
+            # is off by up to 0.02 (bench/precision.py). A no-op when the model computes in float32.
+            logprobs = -F.cross_entropy(logits.float().transpose(1, 2), targets.to(self.device, non_blocking=True),
+                                        reduction="none")
+        except torch.cuda.OutOfMemoryError:
+            raise PipelineError(f"the GPU ran out of memory on {len(data)} sequences of up to {max(lengths)} "
+                                "tokens; lower --batch or --max-length") from None
+        return logprobs, weights
 
-    def _output(self, logprobs, lengths, loss) -> types.ForwardBackwardOutput:
-        rows = [{"logprobs": types.TensorData.from_torch(logprobs[i, :n].detach().clone())}
-                for i, n in enumerate(lengths)]
-        return types.ForwardBackwardOutput(loss_fn_output_type="cross_entropy", loss_fn_outputs=rows,
-                                           metrics={"loss:sum": float(loss.detach())})
+    def _output(self, logprobs, lengths: list[int], loss) -> types.ForwardBackwardOutput:
+        # Called after the backward pass is queued, so that the copy to the host, which waits
+        # for the GPU, does not hold the backward's launch back.
+        host = logprobs.detach().cpu()
+        rows = host[0].split(lengths) if self.pack else [host[i, :n] for i, n in enumerate(lengths)]
+        return types.ForwardBackwardOutput(
+            loss_fn_output_type="cross_entropy",
+            loss_fn_outputs=[{"logprobs": types.TensorData.from_torch(row.clone())} for row in rows],
+            metrics={"loss:sum": float(loss.detach())})
 
     def forward_backward(self, data: list[types.Datum], loss_fn: str = "cross_entropy") -> Future:
         """Adds the gradient of the weighted token NLL summed over the batch (Tinker's
@@ -91,16 +157,20 @@ class LocalEngine:
         if loss_fn != "cross_entropy":
             raise PipelineError(f"the local engine supports loss_fn='cross_entropy', not {loss_fn!r}")
         self.model.train()
-        logprobs, weights, lengths = self._logprobs(data)
+        logprobs, weights = self._logprobs(data)
         loss = -(logprobs * weights).sum()
-        loss.backward()
-        return _done(self._output(logprobs, lengths, loss))
+        try:
+            loss.backward()
+        except torch.cuda.OutOfMemoryError:
+            raise PipelineError(f"the GPU ran out of memory computing the gradients of {len(data)} sequences; "
+                                "lower --batch or --max-length") from None
+        return _done(self._output(logprobs, [d.model_input.length for d in data], loss))
 
     def forward(self, data: list[types.Datum], loss_fn: str = "cross_entropy") -> Future:
         self.model.eval()
         with torch.no_grad():
-            logprobs, weights, lengths = self._logprobs(data)
-        return _done(self._output(logprobs, lengths, -(logprobs * weights).sum()))
+            logprobs, weights = self._logprobs(data)
+        return _done(self._output(logprobs, [d.model_input.length for d in data], -(logprobs * weights).sum()))
 
     def optim_step(self, adam: types.AdamParams) -> Future:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -122,8 +192,8 @@ class LocalEngine:
         rows = [p.to_ints() for p in prompts]
         width = max(map(len, rows))
         # Left padding, so every prompt's last token sits in the same column for generation.
-        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows]).to(self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]).to(self.device)
         greedy = not params.temperature
         kwargs = dict(max_new_tokens=params.max_tokens or 128, do_sample=not greedy,
                       eos_token_id=self.stop_tokens, pad_token_id=self.pad_id)
@@ -131,7 +201,8 @@ class LocalEngine:
             kwargs.update(temperature=params.temperature, top_p=params.top_p,
                           top_k=params.top_k if params.top_k and params.top_k > 0 else 0)
         self.model.eval()
-        with torch.random.fork_rng(), torch.no_grad():
+        gpu = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpu), torch.no_grad():
             torch.manual_seed(self.seed if params.seed is None else params.seed)
             if lora:
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
@@ -181,12 +252,15 @@ class LocalEngine:
         """The adapter plus what resuming needs: optimizer and RNG state. Written whole or not
         at all."""
         def write(tmp: Path) -> None:
-            torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()},
-                       tmp / "training_state.pt")
+            rng = {"rng": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            torch.save({"optimizer": self.optimizer.state_dict(), **rng}, tmp / "training_state.pt")
         return _done(self._write(name, write))
 
     def load_state(self, path: str | Path) -> None:
-        """Restore adapter, optimizer and RNG saved by `save_state`."""
+        """Restore adapter, optimizer and RNG saved by `save_state`, on this engine's device
+        whichever device saved them."""
         path = Path(path)
         if not (path / "training_state.pt").exists():
             raise PipelineError(f"{path}: not a saved training state (no training_state.pt)")
@@ -195,7 +269,13 @@ class LocalEngine:
             raise PipelineError(f"{path}: saved for {info['base_model']} rank {info['rank']}, "
                                 f"not {self.base_model} rank {self.rank}")
         set_peft_model_state_dict(self.model, load_file(str(path / ADAPTER_FILE)))
-        state = torch.load(path / "training_state.pt", weights_only=False)
+        # Read onto the CPU (a state saved on a GPU loads where there is none); the optimizer
+        # then casts and moves its moments to its parameters' device and dtype.
+        state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.optimizer.zero_grad(set_to_none=True)  # gradients of an unfinished step are not state
         torch.set_rng_state(state["rng"])
+        # A state saved on the CPU leaves the GPU's generator as seeded; training draws nothing
+        # from it (no dropout), only sampling does, and that is seeded per call.
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
