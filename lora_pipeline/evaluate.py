@@ -98,7 +98,7 @@ def compare(lora_weights: str, prompts: list[list[dict]], s: SampleSettings, pro
     if not base_model:
         raise PipelineError(f"--lora-weights {lora_weights}: no base model recorded; pass --base-model")
     engine = make_engine(info["backend"], base_model, rank=info["rank"], seed=s.seed,
-                         request_timeout=s.request_timeout, weights=info)
+                         request_timeout=s.request_timeout, weights=info, device=s.device, dtype=s.dtype)
     inputs = [engine.renderer.build_generation_prompt(p) for p in prompts]
     params = types.SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, seed=s.seed)
     try:

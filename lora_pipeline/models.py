@@ -10,10 +10,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import PipelineError
+from .settings import DEVICES, DTYPES
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TINKER_MODEL = "Qwen/Qwen3-8B"
 

@@ -135,12 +135,14 @@ def metrics(summary: RunSummary, results: dict) -> dict:
     """Everything the report shows, computed once from the run folder and the answers."""
     folder = RunFolder(summary.run_dir)
     train_log, val_log = folder.read_log(), folder.read_val_log()
-    data = Path(folder.read_config().get("data", ""))
+    config = folder.read_config()
+    data = Path(config.get("data", ""))
     verbatim = verbatim_counts(results["results"], data) if data.is_file() else {}
     step_time = sum(r["time_s"] for r in train_log)
     rows = checkpoint_rows(summary, train_log, val_log)
     return {
         "train_log": train_log, "val_log": val_log, "checkpoints": rows, "verbatim": verbatim,
+        "placement": config.get("placement"),
         "step_time_s": step_time, "tokens_per_s": summary.tokens / step_time if step_time else None,
         "overfitting": overfitting(val_log, verbatim, len(results["results"])),
     }
@@ -191,7 +193,10 @@ def checkpoint_cells(r: dict) -> list:
 
 def _summary_rows(summary: RunSummary, m: dict) -> list[tuple[str, str]]:
     best = summary.best
-    rows = [("engine", summary.backend), ("base model", summary.base_model),
+    where = m["placement"]
+    rows = [("engine", summary.backend + (f" on {where['device_name']}, {where['dtype']} base weights, "
+                                          f"{where['lora_dtype']} LoRA" if where else "")),
+            ("base model", summary.base_model),
             ("steps", str(summary.steps)), ("trained tokens", f"{summary.tokens:,}"),
             ("time", f"{summary.time_s:.0f} s ({m['step_time_s']:.0f} s in steps)"),
             ("tokens/s", _f(m["tokens_per_s"], 0))]

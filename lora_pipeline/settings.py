@@ -20,6 +20,8 @@ from .errors import PipelineError
 
 BACKENDS = ("auto", "local", "tinker")
 OVERFLOW_CHOICES = ("truncate", "drop")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "question_answer", "columns")
 
 
@@ -106,6 +108,14 @@ class LengthLimit:
 
 
 @dataclass(kw_only=True)
+class Placement:
+    device: str = setting("auto", "where the local engine computes: a CUDA GPU when there is one (auto), cpu "
+                                  "or cuda", choices=DEVICES)
+    dtype: str = setting("auto", "the local engine's base weights: bfloat16 on a GPU that has it (auto), float32 "
+                                 "elsewhere; the LoRA always trains in float32", choices=DTYPES)
+
+
+@dataclass(kw_only=True)
 class Deadline:
     request_timeout: float = setting(120.0, "seconds any one Tinker call may take before it is retried",
                                      above=0)
@@ -131,7 +141,7 @@ class PrepareSettings(Checked, BaseModelChoice, Seeded, LengthLimit):
 
 
 @dataclass(kw_only=True)
-class TrainSettings(Checked, BaseModelChoice, Seeded, LengthLimit, Deadline):
+class TrainSettings(Checked, BaseModelChoice, Seeded, LengthLimit, Placement, Deadline):
     """A LoRA training run. Its fields, less `start_over`, are recorded in config.json."""
     data: str = setting(help="chat JSONL from `prepare`")
     val_data: str | None = setting(
@@ -156,7 +166,7 @@ class TrainSettings(Checked, BaseModelChoice, Seeded, LengthLimit, Deadline):
 
 
 @dataclass(kw_only=True)
-class SampleSettings(Checked, BaseModelChoice, Seeded, Deadline):
+class SampleSettings(Checked, BaseModelChoice, Seeded, Placement, Deadline):
     """Answers of a LoRA (and of its base) to test prompts."""
     test_prompts: str | None = setting(
         None, "JSON list of strings or message lists, or a chat .jsonl (its prompts); `run` defaults to "

@@ -18,6 +18,7 @@ from .data import file_sha256, folder_sha256, held_out_beside, read_chat_jsonl, 
 from .engines import EngineTimeout, check_base_model, choose_backend, default_base_model, make_engine
 from .errors import PipelineError
 from .export import export_run_weights
+from .models import resolve_device
 from .render import render_conversations
 from .run_folder import FINAL, FORMAT, STATE, CheckpointRecord, RunFolder, RunSummary, checkpoint_name
 from .settings import TrainSettings
@@ -126,6 +127,8 @@ class TrainingRun:
         val_data = self.config["val_data"]
         val_conversations = read_chat_jsonl(Path(val_data)) if val_data else []
         check_base_model(self.backend, self.base_model)
+        if self.backend == "local":
+            resolve_device(self.settings.device)  # --device cuda without a GPU fails here
         return conversations, val_conversations
 
     def open(self) -> "TrainingRun":
@@ -157,10 +160,14 @@ class TrainingRun:
         self.total_steps = s.max_steps or self.steps_per_epoch
         if resuming:
             self._resume()
+            earlier, now = self.folder.read_config().get("placement"), self.placement
+            if earlier and now and (earlier["device"], earlier["dtype"]) != (now["device"], now["dtype"]):
+                self.notes.append(f"continuing on {now['device']}/{now['dtype']}; the earlier steps ran on "
+                                  f"{earlier['device']}/{earlier['dtype']}")
         else:
             self.run_dir.mkdir(parents=True)
             self.folder.write_config({**self.config, "examples": len(self.examples), "total_steps": self.total_steps,
-                                      "rendering": self.render_report.summary()})
+                                      "rendering": self.render_report.summary(), "placement": self.placement})
 
     def _check_existing_folder(self, config: dict) -> bool:
         """True when the run folder exists and may be continued; refuses one that may not.
@@ -236,7 +243,12 @@ class TrainingRun:
     def _new_engine(self):
         s = self.settings
         return make_engine(self.backend, self.base_model, rank=s.rank, seed=s.seed,
-                           request_timeout=s.request_timeout, root=self.run_dir)
+                           request_timeout=s.request_timeout, root=self.run_dir, device=s.device, dtype=s.dtype)
+
+    @property
+    def placement(self) -> dict | None:
+        """Where the engine computes and in what precision (the local engine says)."""
+        return getattr(self.engine, "placement", None)
 
     def describe(self) -> str:
         return (f"engine {self.backend}, base model {self.base_model}, "

@@ -126,11 +126,12 @@ def check_tinker_ready() -> None:
 
 
 def make_engine(backend: str, base_model: str, *, rank: int, seed: int, request_timeout: float,
-                root: str | Path | None = None, weights: dict | None = None, device: str = "auto") -> Engine:
+                root: str | Path | None = None, weights: dict | None = None, device: str = "auto",
+                dtype: str = "auto") -> Engine:
     """The engine of `backend`: a fresh LoRA of `rank` whose saves go under `root`, or, given
     `weights` (the lora_pipeline.json info saved beside an adapter), one that samples from
-    those saved weights and from their base. `device` ("auto", "cpu", "cuda") places the local
-    engine; Tinker's runs on the service."""
+    those saved weights and from their base. `device` and `dtype` place the local engine
+    (settings.Placement); Tinker's runs on the service."""
     if backend == "tinker":
         check_tinker_ready()
         from .tinker_engine import TinkerEngine
@@ -140,4 +141,4 @@ def make_engine(backend: str, base_model: str, *, rank: int, seed: int, request_
     from .local import LocalEngine
 
     return LocalEngine(base_model, rank, seed, root=root, adapter=weights["folder"] if weights else None,
-                       device=device)
+                       device=device, dtype=dtype)
