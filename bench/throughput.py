@@ -89,7 +89,7 @@ def measure_rss(which: str, steps: int, batches: Path) -> None:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             run = TrainingRun(TrainSettings(data=str(SAMPLE), batch=8, max_steps=steps, save_every=0,
-                                          backend="local", output_dir=tmp, run_name="rss")).open()
+                                          backend="local", device="cpu", output_dir=tmp, run_name="rss")).open()
             for n in range(1, steps + 1):
                 run.step(n)
     print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -108,16 +108,11 @@ def main() -> None:
         from gpu_throughput import main as gpu_main
 
         return gpu_main(a.quick, write)
-    if torch.cuda.is_available():
-        # The pipeline's engine takes the GPU when it sees one ("auto"); the plain loop here
-        # runs on the CPU, so both must see the CPU alone.
-        sys.exit("bench/throughput.py measures the CPU: run it with CUDA_VISIBLE_DEVICES= on a GPU "
-                 "machine, or pass --device cuda")
     if a.rss_of:
         return measure_rss(a.rss_of, a.steps, a.batches)
     with tempfile.TemporaryDirectory() as tmp:
         run = TrainingRun(TrainSettings(data=str(SAMPLE), batch=8, max_steps=a.steps, save_every=0,
-                                        backend="local", output_dir=tmp, run_name="bench")).open()
+                                        backend="local", device="cpu", output_dir=tmp, run_name="bench")).open()
         batches = [run.batch(n) for n in range(1, a.steps + 1)]
         tokens = sum(int(sum(d.loss_fn_inputs["weights"].to_torch().sum() for d in b)) for b in batches)
         (Path(tmp) / "batches.pkl").write_bytes(pickle.dumps(batches))
