@@ -1,10 +1,13 @@
 """The `lora-pipeline-sweep` flow: the data prepared once, then the lora-pipeline flow once per
-combination of learning rates and ranks, all started at once, each a normal run (its own run
-folder, resumable, cached), and a comparison of them at the end.
+combination of learning rates and ranks, each a normal run (its own run folder, resumable,
+cached), and a comparison of them at the end.
 
-Trainings wait for a slot of their engine's Prefect global concurrency limit, which the sweep
-sizes: at most `tinker_sessions` on Tinker at once (the service is not flooded, whichever flows
-train), `local_trainings` on the local engine (one by default: a local training uses every core).
+At most `tinker_sessions` of its trainings run on Tinker at once, so a sweep never floods the
+service, and `local_trainings` (one by default: a local training uses every core) on the local
+engine. In this process the sweep runs that many at once; through a deployment, its runs start
+at once on the pool's workers and their trainings hold slots of a Prefect global concurrency
+limit of that size (`lora-pipeline-<engine>-trainings`), which the Prefect server takes back
+from a worker that died.
 """
 
 import contextvars
@@ -18,11 +21,12 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.deployments import run_deployment
 
 from lora_pipeline import settings as S
+from lora_pipeline.engines import choose_backend
 from lora_pipeline.errors import PipelineError
 from lora_pipeline.flows.pipeline import check_and_prepare, lora_pipeline, parameters, train_settings
 from lora_pipeline.run_folder import RunFolder
 from lora_pipeline.sweep import COLUMNS, cells, configurations, label, write_sweep_report
-from lora_pipeline.tasks import set_training_limits
+from lora_pipeline.tasks import set_limit, training_limit
 from lora_pipeline.train import TrainingRun
 
 
@@ -51,12 +55,18 @@ def lora_sweep(**params) -> dict:
     report = check_and_prepare(configs[0])  # each child's own prepare stage then hits the cache
     for config in configs[1:]:
         S.check_pipeline(config)
-    set_training_limits(sweep.tinker_sessions, sweep.local_trainings)
+    backend = choose_backend(configs[0]["backend"])
+    at_once = sweep.tinker_sessions if backend == "tinker" else sweep.local_trainings
     logger = get_run_logger()
-    logger.info("%d runs: %s", len(configs), "; ".join(label(c) for c in configs))
+    logger.info("%d runs, %d at a time: %s", len(configs), at_once, "; ".join(label(c) for c in configs))
 
-    child = _through(sweep.deployment) if sweep.deployment else _in_process
-    with ThreadPoolExecutor(max_workers=len(configs), thread_name_prefix="sweep") as pool:
+    if sweep.deployment:
+        set_limit(training_limit(backend), at_once)
+        configs = [{**c, "concurrency_limit": training_limit(backend)} for c in configs]
+        child, threads = _through(sweep.deployment), len(configs)
+    else:
+        child, threads = _in_process, at_once
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sweep") as pool:
         # Each thread carries this flow run's context, so the children show as its subflows.
         failures = list(pool.map(lambda c: contextvars.copy_context().run(child, c), configs))
 

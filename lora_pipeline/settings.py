@@ -163,6 +163,9 @@ class TrainSettings(Checked, BaseModelChoice, Seeded, LengthLimit, Placement, De
     beta2: float = setting(0.95, "AdamW beta2", min=0, below=1)
     eps: float = setting(1e-8, "AdamW epsilon", above=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", min=0)
+    concurrency_limit: str | None = setting(
+        None, "a Prefect global concurrency limit to hold a slot of while training (a sweep through a "
+              "deployment sets it, so that its trainings on the workers are bounded)")
 
 
 @dataclass(kw_only=True)
@@ -192,9 +195,9 @@ class SweepSettings(Checked):
     deployment: str | None = setting(
         None, "run each training as a run of this deployment of the lora-pipeline flow (e.g. "
               "lora-pipeline/nightly), so that the work pool's workers share them; default: in this process")
-    tinker_sessions: int = setting(4, "at most this many trainings on Tinker at once, any flow's (a Prefect "
-                                      "global concurrency limit)", min=1)
-    local_trainings: int = setting(1, "at most this many trainings on the local engine at once", min=1)
+    tinker_sessions: int = setting(4, "at most this many of its trainings on Tinker at once", min=1)
+    local_trainings: int = setting(1, "at most this many of its trainings on the local engine at once (a "
+                                      "local training uses every core)", min=1)
 
 
 # The pipeline flow and `lora-pipeline run` take the three stages' settings flat, less what

@@ -6,6 +6,7 @@ bad request fails at once. LORA_PIPELINE_RETRIES and LORA_PIPELINE_RETRY_DELAY (
 the first retry; doubled each time, with jitter) tune them, e.g. for tests.
 """
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -33,29 +34,42 @@ RETRY = dict(retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_fa
 
 
 def training_limit(backend: str) -> str:
-    """The Prefect global concurrency limit that trainings on `backend` take a slot of."""
+    """The Prefect global concurrency limit that a sweep's trainings on `backend` hold a slot of."""
     return f"lora-pipeline-{backend}-trainings"
 
 
-def set_training_limits(tinker: int | None = None, local: int | None = None) -> None:
-    """Makes the training limits exist: with the given sizes, or, for one not given, with its
-    default (SweepSettings') unless it already exists. Sizes can be changed in the UI too."""
+def set_limit(name: str, size: int) -> None:
+    """Creates the global concurrency limit `name`, or sets its size."""
     from prefect import get_client
-    from prefect.exceptions import ObjectNotFound
 
-    from lora_pipeline.settings import SweepSettings
-
-    defaults = SweepSettings()
     with get_client(sync_client=True) as client:
-        for backend, size, default in (("tinker", tinker, defaults.tinker_sessions),
-                                       ("local", local, defaults.local_trainings)):
-            if size is None:
-                try:
-                    client.read_global_concurrency_limit_by_name(training_limit(backend))
-                    continue
-                except ObjectNotFound:
-                    size = default
-            client.upsert_global_concurrency_limit_by_name(training_limit(backend), size)
+        client.upsert_global_concurrency_limit_by_name(name, size)
+
+
+@contextlib.contextmanager
+def slot_of(limit: str | None, wait_log_s: float = 60):
+    """Holds a slot of the global concurrency limit `limit` (none: nothing to hold) for the
+    duration, and says so while it waits for one, every `wait_log_s` seconds: a training that
+    waits its turn is not silent. The slot's lease is renewed while held; if the process dies,
+    the Prefect server takes it back when the lease expires."""
+    if not limit:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    logger = get_run_logger()
+    while True:
+        entered = False
+        try:
+            with concurrency(limit, occupy=1, timeout_seconds=wait_log_s, strict=True):
+                entered = True
+                logger.info("holding a slot of %s", limit)
+                yield
+            return
+        except TimeoutError:
+            if entered:  # the work itself timed out, not the wait
+                raise
+            logger.info("waiting for a slot of %s: all in use", limit)
 
 
 def sdk_retries_logged(fn):

@@ -1,15 +1,13 @@
 from prefect import get_run_logger, task
-from prefect.concurrency.sync import concurrency
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from lora_pipeline.engines import choose_backend
 from lora_pipeline.run_folder import RunSummary
 from lora_pipeline.settings import TrainSettings
 from lora_pipeline.train import TrainingRun, train
 
-from . import RETRY, sdk_retries_logged, set_training_limits, training_limit
+from . import RETRY, sdk_retries_logged, slot_of
 
 # The run (engine, model, optimizer) is passed between these tasks in memory: it is neither
 # hashable for a cache key nor worth persisting, hence NO_CACHE. They are called from the flow,
@@ -79,12 +77,11 @@ def train_adapter(settings: TrainSettings) -> RunSummary:
     """Trains a LoRA from a prepared data file (or finds it trained); returns the run's
     summary. Each part is a task of the flow's own (start, base validation, each step and
     checkpoint, the final weights), so that a retried step leaves the others as they were.
-    Trainings wait for a slot of their engine's concurrency limit (see training_limit)."""
+    With `concurrency_limit` set (a sweep's), it waits for a slot of that limit first."""
     summary = find_finished_training(settings, return_state=True).result()
     if summary is not None:
         return summary
-    set_training_limits()
-    with concurrency(training_limit(choose_backend(settings.backend)), occupy=1):
+    with slot_of(settings.concurrency_limit):
         return _train(settings)
 
 
