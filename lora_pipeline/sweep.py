@@ -56,9 +56,11 @@ def cells(r: dict) -> list[str]:
 def held_out_figure(runs: list[tuple[str, RunSummary]]):
     """Each run's held-out loss per step, overlaid (step 0: the base model)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7.5, 3.8), dpi=110, layout="constrained")
     ax = fig.subplots()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
     for name, s in runs:
         val_log = RunFolder(s.run_dir).read_val_log()
         if val_log:
