@@ -28,7 +28,8 @@ import torch
 from tinker import types
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
+from plain_loop import PlainLoop  # noqa: E402
 
 from lora_pipeline.data import read_chat_jsonl  # noqa: E402
 from lora_pipeline.engines.local import LocalEngine  # noqa: E402
@@ -149,44 +150,6 @@ def step_flops(model, batch: list[types.Datum]) -> float:
     d = config.num_attention_heads * config.head_dim
     lengths = [x.model_input.length for x in batch]
     return sum(lengths) * (4 * frozen + 6 * lora) + 6 * d * config.num_hidden_layers * sum(n * n for n in lengths)
-
-
-class PlainLoop:
-    """What one writes by hand on a GPU: the model in bfloat16 on the GPU, PEFT LoRA, AdamW,
-    right-padded batches, the loss read each step."""
-
-    def __init__(self, base_model: str, device: str):
-        from peft import LoraConfig, get_peft_model
-
-        from lora_pipeline.models import load_model, resolve_dtype
-
-        torch.manual_seed(0)
-        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                            task_type="CAUSAL_LM")
-        self.device = device
-        self.model = get_peft_model(load_model(base_model, resolve_dtype(device)).to(device), config)
-        self.model.train()
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step(self, batch) -> float:
-        width = max(d.model_input.length for d in batch)
-        inputs = torch.zeros((len(batch), width), dtype=torch.long)
-        targets = torch.zeros((len(batch), width), dtype=torch.long)
-        weights = torch.zeros((len(batch), width))
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, d in enumerate(batch):
-            n = d.model_input.length
-            inputs[i, :n] = torch.tensor(d.model_input.to_ints())
-            targets[i, :n] = d.loss_fn_inputs["target_tokens"].to_torch().long()
-            weights[i, :n] = d.loss_fn_inputs["weights"].to_torch().float()
-            mask[i, :n] = 1
-        inputs, targets, weights, mask = (t.to(self.device) for t in (inputs, targets, weights, mask))
-        logits = self.model(input_ids=inputs, attention_mask=mask).logits
-        loss = (torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * weights).sum()
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
 
 
 def engine_step(engine: LocalEngine):

@@ -23,15 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from common import write  # noqa: E402
+from plain_loop import PlainLoop  # noqa: E402
 
-from lora_pipeline.models import SMOLLM2, load_model  # noqa: E402
 from lora_pipeline.settings import TrainSettings  # noqa: E402
 from lora_pipeline.train import TrainingRun  # noqa: E402
 
@@ -42,36 +39,6 @@ def padding(batches: list[list[int]]) -> float:
     real = sum(sum(b) for b in batches)
     computed = sum(max(b) * len(b) for b in batches)
     return 1 - real / computed
-
-
-class PlainLoop:
-    """What one writes by hand: an HF model, PEFT LoRA, AdamW, right-padded batches."""
-
-    def __init__(self):
-        torch.manual_seed(0)
-        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                            task_type="CAUSAL_LM")
-        self.model = get_peft_model(load_model(SMOLLM2), config)
-        self.model.train()
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step(self, batch) -> None:
-        width = max(d.model_input.length for d in batch)
-        inputs = torch.zeros((len(batch), width), dtype=torch.long)
-        targets = torch.zeros((len(batch), width), dtype=torch.long)
-        weights = torch.zeros((len(batch), width))
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, d in enumerate(batch):
-            n = d.model_input.length
-            inputs[i, :n] = torch.tensor(d.model_input.to_ints())
-            targets[i, :n] = d.loss_fn_inputs["target_tokens"].to_torch().long()
-            weights[i, :n] = d.loss_fn_inputs["weights"].to_torch().float()
-            mask[i, :n] = 1
-        logits = self.model(input_ids=inputs, attention_mask=mask).logits
-        loss = (F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * weights).sum()
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
 
 def peak_rss_mib(which: str, steps: int, batches: Path) -> float:
