@@ -1,5 +1,6 @@
 """Base models for the local engine: where their weights come from and how they load."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -118,7 +119,10 @@ def check_local_model(base_model: str) -> None:
         raise PipelineError(f"--base-model {base_model}: cannot load it ({type(e).__name__}). {hint}") from None
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(base_model: str):
+    """The tokenizer of `base_model`, loaded once per process (seconds each time otherwise:
+    prepare, training and evaluation all need it). Shared: callers must not change it."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_local_model(base_model))

@@ -191,7 +191,7 @@ def test_rows_the_template_cannot_train_on_are_dropped_with_the_reason():
 
 
 def test_a_template_that_cannot_be_followed_fails_loudly():
-    tokenizer = copy.copy(load_tokenizer(SMOLLM2))
+    tokenizer = copy.deepcopy(load_tokenizer(SMOLLM2))  # the shared one stays as it is
     # The last assistant turn written unlike the generation prompt: no prefix to train after.
     tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}{% if loop.last %}:{% endif %}\n"
                                "{{ m['content'] }}<|im_end|>\n{% endfor %}"
