@@ -11,6 +11,7 @@ token are what the model produces when served, and carry weight 1. Everything el
 template's newline after an end-of-turn token included, has weight 0.
 """
 
+import bisect
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class ChatTemplateRenderer:
                                 "assistant turn cannot be found")
         # Text that the tokenizer turns into control tokens: in a message it would end a turn early.
         self.control_texts = [t for t in tokenizer.all_special_tokens if t]
+        self.added_ids = set(tokenizer.added_tokens_decoder)
         self.native_tools = self._renders_tools()
         probes = [{"messages": _PROBE}, {"messages": _PROBE[1:]}, {"messages": _TOOL_PROBE, "tools": _TOOL_PROBE_TOOLS}]
         for probe in probes:
@@ -139,50 +141,66 @@ class ChatTemplateRenderer:
 
     def encode(self, conversations: list[dict], strict: bool = False) -> list[tuple[list[int], list[int]] | str]:
         """For each conversation (`{"messages": [...], "tools": [...]}`), its token ids and 0/1
-        loss weights, or the reason it cannot be rendered. All texts are tokenized in one batch.
-        `strict` raises Unrenderable instead of returning a reason."""
-        texts, plans = [], []
+        loss weights, or the reason it cannot be rendered (`strict` raises Unrenderable).
+
+        The conversations are tokenized in one batch. Of each assistant turn's prompt only the
+        text after its last added token (`assistant\\n` after `<|im_start|>`) is tokenized
+        again: a tokenizer splits text at added tokens before anything else, so up to there
+        the prompt's tokens are the whole conversation's. That the rest agrees too is checked."""
+        rendered = []  # (whole text, where each assistant turn's prompt ends) or a reason
         for conversation in conversations:
             try:
-                rendered = self._texts(conversation)
+                whole, *prompts = self._texts(conversation)
+                if not all(whole.startswith(p) for p in prompts):
+                    raise Unrenderable("the chat template writes an earlier turn differently once later turns follow")
+                rendered.append((whole, [len(p) for p in prompts]))
             except Unrenderable as e:
                 if strict:
                     raise
-                plans.append(str(e))
-                continue
-            plans.append((len(texts), len(rendered)))
-            texts += rendered
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        results = []
-        for plan in plans:
-            if isinstance(plan, str):
-                results.append(plan)
-                continue
-            first, n = plan
-            try:
-                results.append(self._weights(texts[first:first + n], ids[first:first + n]))
-            except Unrenderable as e:
-                if strict:
-                    raise
-                results.append(str(e))
+                rendered.append(str(e))
+        texts = [r for r in rendered if not isinstance(r, str)]
+        encoded = self.tokenizer([t for t, _ in texts], add_special_tokens=False,
+                                 return_offsets_mapping=True) if texts else {"input_ids": []}
+        tails = []  # per prompt: (conversation, token index where its last segment starts, segment)
+        for n, (text, prompt_ends) in enumerate(texts):
+            ids, offsets = encoded["input_ids"][n], encoded["offset_mapping"][n]
+            token_ends = [end for _, end in offsets]
+            for prompt_end in prompt_ends:
+                i = bisect.bisect_right(token_ends, prompt_end) - 1
+                while i >= 0 and ids[i] not in self.added_ids:
+                    i -= 1
+                tails.append((n, i + 1, text[token_ends[i] if i >= 0 else 0:prompt_end]))
+        tail_ids = iter(self.tokenizer([t for _, _, t in tails], add_special_tokens=False)["input_ids"] if tails else [])
+        starts = [[] for _ in texts]
+        for (n, first, _), tail in zip(tails, tail_ids):
+            ids = encoded["input_ids"][n]
+            starts[n].append(first + len(tail) if ids[first:first + len(tail)] == tail else None)
+        results, n = [], 0
+        for r in rendered:
+            if not isinstance(r, str):
+                try:
+                    r = self._weights(encoded["input_ids"][n], starts[n])
+                except Unrenderable as e:
+                    if strict:
+                        raise
+                    r = str(e)
+                n += 1
+            results.append(r)
         return results
 
-    def _weights(self, texts: list[str], ids: list[list[int]]) -> tuple[list[int], list[int]]:
-        full_text, full = texts[0], ids[0]
-        weights = [0] * len(full)
-        for prompt_text, prompt in zip(texts[1:], ids[1:]):
-            if not full_text.startswith(prompt_text):
-                raise Unrenderable("the chat template writes an earlier turn differently once later turns follow")
-            if full[:len(prompt)] != prompt:
+    def _weights(self, ids: list[int], starts: list[int | None]) -> tuple[list[int], list[int]]:
+        """Weight 1 from where each assistant turn's prompt ends through its end-of-turn token."""
+        weights = [0] * len(ids)
+        for start in starts:
+            if start is None:
                 raise Unrenderable("an assistant turn's first characters merge with the template's own tokens "
                                    "(leading whitespace?)")
-            start = len(prompt)
             try:
-                end = full.index(self.end_of_turn, start)
+                end = ids.index(self.end_of_turn, start)
             except ValueError:
                 raise Unrenderable("an assistant turn has no end-of-turn token") from None
             weights[start:end + 1] = [1] * (end + 1 - start)
-        return full, weights
+        return ids, weights
 
     # -- the interface the engines and the training loop use --------------------------------
     def build_supervised_example(self, messages: list[dict], tools: list[dict] | None = None):

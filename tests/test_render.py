@@ -115,6 +115,8 @@ def test_tokens_and_prompts_equal_the_chat_template(model, n):
     for i in turns:
         prompt = template_ids(tokenizer, renderer, messages[:i], tools, generation_prompt=True)
         assert renderer.build_generation_prompt(messages[:i], tools).to_ints() == prompt
+        # The turn's weights start right where its prompt, tokenized on its own, ends.
+        assert ids[:len(prompt)] == prompt and weights[len(prompt) - 1] == 0 and weights[len(prompt)] == 1
     # Weight 1 on each assistant turn, from the end of its generation prompt through its
     # end-of-turn token, and nowhere else (not on the template's newline after it).
     runs, run = [], []
