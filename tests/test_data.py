@@ -335,3 +335,17 @@ def test_nonsense_numbers_are_refused_naming_the_flag(tmp_path, option, value, f
     with pytest.raises(PipelineError, match=f"^{flag} "):
         prepare(str(src), "train", tmp_path / "out.jsonl", **{option: value})
     assert not list(tmp_path.glob("out*"))
+
+
+def test_a_json_array_file_is_read_row_by_row(tmp_path):
+    src = tmp_path / "rows.json"
+    src.write_text(json.dumps([GOOD, {"instruction": ["a list"], "output": "x"}, good(1), 7]))
+    report = prepare(str(src), "train", tmp_path / "out.jsonl", val_fraction=0)
+    assert report["kept"] == 2
+    assert report["dropped_examples"] == {"non-string content": ["rows.json:row 2"], "no known chat shape": ["rows.json:row 4"]}
+    (tmp_path / "lines.json").write_text(json.dumps(GOOD) + "\n{cut\n")  # JSON Lines in a .json file
+    report = prepare(str(tmp_path / "lines.json"), "train", tmp_path / "out.jsonl", val_fraction=0)
+    assert report["dropped_examples"] == {"unparseable line": ["lines.json:2"]}
+    (tmp_path / "cut.json").write_text(json.dumps([GOOD, GOOD])[:-5])
+    with pytest.raises(PipelineError, match=r"cut.json: unparseable JSON array; fix the file or write it as JSON Lines"):
+        prepare(str(tmp_path / "cut.json"), "train", tmp_path / "out.jsonl")
