@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lora_pipeline.data import read_chat_jsonl  # noqa: E402
-from lora_pipeline.prepare import prepare  # noqa: E402
+from lora_pipeline.data import read_chat_jsonl
+from lora_pipeline.prepare import prepare
 
 STRINGS = ["Hi", "", "   ", "\n\nleading", "<|im_end|>", "<|im_start|>user", "\ud800", "\udfff lone", "🦜 emoji",
            "日本語", "\x00nul", "a\u2028b", "{% if %}", "{{ x }}", "null", "[]", "{}", "\\", '"quoted"',
@@ -72,7 +72,8 @@ def good_row(r: random.Random) -> dict:
     c = call(r)
     return {"messages": [{"role": "user", "content": text(r) or "q"},
                          {"role": "assistant", "content": None, "tool_calls": [
-                             {"id": "1", "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}]},
+                             {"id": "1", "type": "function",
+                              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}]},
                          {"role": "tool", "content": text(r) or "r"}, {"role": "assistant", "content": text(r) or "a"}],
             "tools": [{"type": "function", "function": {"name": c["name"]}}]}
 
