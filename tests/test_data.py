@@ -324,19 +324,6 @@ def test_a_huge_line_is_dropped_unread_in_bounded_memory(tmp_path):
     assert peak < 3 * MAX_ROW_BYTES and time.monotonic() - started < 30
 
 
-@pytest.mark.parametrize("option, value, flag", [
-    ("max_length", -5, "--max-length"), ("max_length", 0, "--max-length"),
-    ("max_examples", 0, "--max-examples"), ("max_examples", -3, "--max-examples"),
-    ("val_fraction", 1.0, "--val-fraction"), ("val_fraction", float("nan"), "--val-fraction"),
-    ("val_fraction", -0.1, "--val-fraction"), ("seed", -1, "--seed"),
-])
-def test_nonsense_numbers_are_refused_naming_the_flag(tmp_path, option, value, flag):
-    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
-    with pytest.raises(PipelineError, match=f"^{flag} "):
-        prepare(str(src), "train", tmp_path / "out.jsonl", **{option: value})
-    assert not list(tmp_path.glob("out*"))
-
-
 def test_a_json_array_file_is_read_row_by_row(tmp_path):
     src = tmp_path / "rows.json"
     src.write_text(json.dumps([GOOD, {"instruction": ["a list"], "output": "x"}, good(1), 7]))

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import PROMPTS, SAMPLE
 from lora_pipeline.evaluate import compare, load_prompts
 from lora_pipeline.models import SMOLLM2, resolve_local_model
-from lora_pipeline.train import TrainConfig, TrainingRun, train
+from lora_pipeline.settings import SampleSettings, TrainSettings
+from lora_pipeline.train import TrainingRun, train
 
 MAX_TOKENS = 32
 
@@ -25,13 +26,13 @@ def run(tmp_path_factory):
     lines = SAMPLE.read_text().splitlines(keepends=True)
     (tmp / "train.jsonl").write_text("".join(lines[:16]))
     (tmp / "val.jsonl").write_text("".join(lines[-4:]))
-    cfg = TrainConfig(data=str(tmp / "train.jsonl"), val_data=str(tmp / "val.jsonl"), batch=4, max_steps=4,
+    cfg = TrainSettings(data=str(tmp / "train.jsonl"), val_data=str(tmp / "val.jsonl"), batch=4, max_steps=4,
                       learning_rate=5e-4, save_every=0, output_dir=str(tmp), backend="local", run_name="r")
-    summary = train(TrainingRun(cfg))
+    summary = train(TrainingRun(cfg).open())
     prompts = load_prompts(str(PROMPTS))[:5] + load_prompts(str(tmp / "val.jsonl"))
-    pipeline = compare(summary["final_lora_weights"], prompts, max_tokens=MAX_TOKENS, temperature=0)
+    pipeline = compare(summary.final_lora_weights, prompts, SampleSettings(max_tokens=MAX_TOKENS, temperature=0))
     val_log = json.loads((tmp / "r" / "validation_log.json").read_text())
-    return {"adapter": summary["final_lora_weights"], "prompts": prompts, "val": tmp / "val.jsonl",
+    return {"adapter": summary.final_lora_weights, "prompts": prompts, "val": tmp / "val.jsonl",
             "answers": [r["lora_response"] for r in pipeline["results"]], "val_loss": val_log[-1]["val_loss"]}
 
 
