@@ -131,13 +131,19 @@ def base_weights(base_model: str, dtype: str) -> str:
     return f"{resolve_local_model(base_model)}, as published, loaded in {dtype}"
 
 
-@functools.lru_cache(maxsize=4)
 def load_tokenizer(base_model: str):
     """The tokenizer of `base_model`, loaded once per process (seconds each time otherwise:
     prepare, training and evaluation all need it). Shared: callers must not change it."""
+    source = resolve_local_model(base_model)
+    return _tokenizer(str(Path(source).resolve()) if Path(source).exists() else source)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(source: str):
+    """Keyed on the absolute folder: a relative name means another folder in another directory."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_local_model(base_model))
+    return AutoTokenizer.from_pretrained(source)
 
 
 def resolve_device(device: str) -> str:

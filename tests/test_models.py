@@ -65,7 +65,9 @@ def test_any_model_folder_trains_resumes_samples_and_loads_with_plain_peft(tiny,
     engine = LocalEngine("model", rank=4, seed=0, root=tmp_path / "run")
     assert engine.placement["dtype"] == "float32"
     data, _ = render_conversations(read_chat_jsonl(SAMPLE)[:8], engine.renderer, 256)
-    assert engine.tokenizer.decode(data[0].model_input.to_ints()).startswith("<|im_start|>user\n")
+    # The folder's own chat template, default system prompt and all.
+    assert engine.tokenizer.decode(data[0].model_input.to_ints()).startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     losses = [step(engine, data) for _ in range(4)]
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])) and losses[-1] < 0.95 * losses[0], losses
     saved = engine.save_state("state").result()
