@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= runs
 
-.PHONY: install run test test-fast lint serve server postgres pool deploy worker bench bench-gpu clean
+.PHONY: install run test test-fast lint fuzz serve server postgres pool deploy worker bench bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -73,6 +73,11 @@ bench: install
 # Figures: bench/results/throughput_gpu.json. BENCH_ARGS=--quick leaves out torch.compile.
 bench-gpu:
 	bash bench/gpu_run.sh
+
+# prepare on random rows and bytes for FUZZ_SECONDS (300); prints how many cases it tried.
+FUZZ_SECONDS ?= 300
+fuzz: install
+	$(BIN)/python tests/fuzz_prepare.py --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import PipelineError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def umask_mode(mode: int) -> int:
@@ -90,30 +90,64 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def problem(messages) -> str | None:
-    """Why a conversation cannot be trained on, or None."""
+def _tool_call_problem(call) -> bool:
+    function = call.get("function") if isinstance(call, dict) else None
+    return not (isinstance(function, dict) and call.get("type") == "function"
+                and isinstance(function.get("name"), str) and function["name"].strip()
+                and isinstance(function.get("arguments"), dict))
+
+
+def problem(row) -> str | None:
+    """Why a row of chat JSONL cannot be trained on, or None.
+
+    The form is OpenAI's: `{"messages": [...], "tools": [...]}`, where an assistant message may
+    carry `tool_calls` (`{"type": "function", "function": {"name", "arguments": {...}}}`, its
+    text then may be empty), a `tool` message holds a call's result, and `tools` lists the
+    functions offered (`{"type": "function", "function": {"name", ...}}`)."""
+    messages = row.get("messages") if isinstance(row, dict) else None
     if not isinstance(messages, list) or not messages:
         return "no messages"
+    tools = row.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools)):
+        return "malformed tools list"
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             return "missing or unknown role"
         if not isinstance(m.get("content"), str):
             return "non-string content"
-        if not m["content"].strip():
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m["role"] != "assistant" or not isinstance(calls, list) or not calls or any(map(_tool_call_problem, calls)):
+                return "malformed tool call"
+        elif not m["content"].strip():
             return "empty content"
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
         return "no assistant turn"
     if roles[-1] != "assistant":
         return "does not end with an assistant turn"
-    if any(a == b for a, b in zip(roles, roles[1:])):
+    if any(a == b != "tool" for a, b in zip(roles, roles[1:])):
         return "consecutive turns from the same role"
+    for before, m in zip([None] + messages, messages):
+        if m["role"] == "tool" and not (before and (before["role"] == "tool" or before.get("tool_calls"))):
+            return "tool result without a tool call"
+    try:
+        json.dumps(row, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return "text is not valid Unicode (a lone surrogate)"
+    except ValueError:
+        return "NaN or Infinity in a value"
+    except RecursionError:
+        return "nested too deeply"
     return None
 
 
-def read_chat_jsonl(path: Path) -> list[list[dict]]:
-    """Conversations of a prepared data file. Strict: training data is expected to come out of
-    `prepare`, so any bad line is an error that names it."""
+def read_chat_jsonl(path: Path) -> list[dict]:
+    """The rows (`{"messages": [...], "tools": [...]}`) of a prepared data file. Strict:
+    training data is expected to come out of `prepare`, so any bad line is an error that names
+    it."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"--data {path}: file not found; create it with `lora-pipeline prepare`")
@@ -128,15 +162,15 @@ def read_chat_jsonl(path: Path) -> list[list[dict]]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"{path}:{n}: not valid JSON ({e.msg}); fix the line or rebuild the "
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
+            raise PipelineError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', type(e).__name__)}); "
+                                "fix the line or rebuild the "
                                 "file with `lora-pipeline prepare`") from None
-        messages = row.get("messages") if isinstance(row, dict) else None
-        reason = "no \"messages\" list" if messages is None else problem(messages)
+        reason = problem(row)
         if reason:
             raise PipelineError(f"{path}:{n}: {reason}; fix the line or rebuild the file with "
                                 "`lora-pipeline prepare`")
-        conversations.append(messages)
+        conversations.append(row)
     if not conversations:
         raise PipelineError(f"--data {path}: the file holds no conversations")
     return conversations

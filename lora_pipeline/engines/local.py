@@ -18,7 +18,7 @@ from transformers import GenerationConfig
 
 from ..data import replace_dir, umask_mode
 from ..errors import PipelineError
-from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from ..models import base_weights, load_model, load_tokenizer, resolve_device, resolve_dtype
 from ..render import renderer_for
 from . import INFO_FILE
 
@@ -134,8 +134,10 @@ class LocalEngine:
             logits = self._forward(input_ids=inputs.to(self.device, non_blocking=True), **kwargs).logits
             # The log-softmax over the vocabulary in float32: taken in bfloat16 a token's log-prob
             # is off by up to 0.02 (bench/precision.py). A no-op when the model computes in float32.
-            logprobs = -F.cross_entropy(logits.float().transpose(1, 2), targets.to(self.device, non_blocking=True),
-                                        reduction="none")
+            # And over the vocabulary as it lies in memory: on the (batch, vocab, time) view the
+            # softmax sums 49k exponentials with a stride, off by up to 2e-4 nats a token.
+            logprobs = -F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device, non_blocking=True).flatten(),
+                                        reduction="none").view_as(targets)
         except torch.cuda.OutOfMemoryError:
             raise PipelineError(f"the GPU ran out of memory on {len(data)} sequences of up to {max(lengths)} "
                                 "tokens; lower --batch or --max-length") from None
@@ -231,7 +233,8 @@ class LocalEngine:
             tmp.chmod(umask_mode(0o777))
             # save_embedding_layers=False: PEFT would otherwise look the base model up on the hub.
             self.model.save_pretrained(str(tmp), save_embedding_layers=False)
-            info = {"backend": "local", "base_model": self.base_model, "rank": self.rank}
+            info = {"backend": "local", "base_model": self.base_model, "rank": self.rank,
+                    "base_weights": base_weights(self.base_model, str(self.dtype).removeprefix("torch."))}
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
             write(tmp)
             replace_dir(tmp, self.root / name)
