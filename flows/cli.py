@@ -152,7 +152,10 @@ def _tracebacks_off_the_console():
     stay in the Prefect server's logs (the UI) and in the failure note."""
     import logging
 
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()  # Prefect sets its handlers up on first use: they must exist to be wrapped
 
     class WithoutTraceback(logging.Formatter):
         def __init__(self, inner):

@@ -104,9 +104,11 @@ class TrainingRun:
         s = self.settings
         if not Path(s.data).is_file():
             read_chat_jsonl(Path(s.data))  # says what is wrong and what to do
-        config = {**dataclasses.asdict(s), "format": FORMAT, "data_sha256": file_sha256(Path(s.data)),
-                  "val_data": s.val_data or held_out_beside(s.data), "backend_requested": s.backend,
-                  "backend": self.backend, "base_model": self.base_model}
+        val_data = s.val_data or held_out_beside(s.data)
+        # Paths absolute: the command that continues a run works from any folder.
+        config = {**dataclasses.asdict(s), "format": FORMAT, "data": os.path.abspath(s.data),
+                  "data_sha256": file_sha256(Path(s.data)), "val_data": val_data and os.path.abspath(val_data),
+                  "backend_requested": s.backend, "backend": self.backend, "base_model": self.base_model}
         del config["start_over"]
         # Absolute, but links not followed: a run folder that is a link is refused, not written through.
         config["run_dir"] = os.path.abspath(Path(s.output_dir) / (s.run_name or run_folder_name(config)))

@@ -59,7 +59,7 @@ def test_train_then_test_give_the_workflows_layout(tmp_path, small_data):
     for name in ("config.json", "training_log.json", "checkpoint_step_2", "checkpoint_step_4",
                  "final_lora_weights", "training_state"):
         assert (run / name).exists(), name
-    assert f"Final LoRA weights: checkpoints/{run.name}/final_lora_weights" in r.stdout
+    assert f"Final LoRA weights: {run}/final_lora_weights" in r.stdout  # absolute: it works from anywhere
     assert "step 4/4" in r.stdout + r.stderr  # progress, step by step
 
     prompts = tmp_path / "prompts.json"
@@ -90,7 +90,7 @@ def test_run_does_the_whole_pipeline_from_the_command_line(tmp_path, small_data)
             "--max-tokens", 8, "--output-dir", "runs", "--run-name", "demo", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "demo"
-    assert r.stdout.rstrip().endswith("Report: runs/demo/report.html") and (run / "report.html").exists()
+    assert r.stdout.rstrip().endswith(f"Report: {run}/report.html") and (run / "report.html").exists()
     assert "On held-out data the LoRA" in r.stdout
     results = json.loads((run / "results.json").read_text())["results"]
     assert results and all("base_response" in row for row in results)  # held-out prompts, compared
