@@ -297,7 +297,7 @@ def generation(setup: Setup, base: str, prompts: int = 32) -> dict:
     """Answering the sample chats' first questions, greedy, all in one batch (as `lora-pipeline
     test` does) and one at a time."""
     engine = LocalEngine(base, rank=16, seed=0, device=setup.device)
-    questions = [messages[:1] for messages in read_chat_jsonl(SAMPLE)[:prompts]]
+    questions = [row["messages"][:1] for row in read_chat_jsonl(SAMPLE)[:prompts]]
     inputs = [engine.renderer.build_generation_prompt(q) for q in questions]
     params = types.SamplingParams(max_tokens=setup.length // 16, temperature=0)
     engine.sample(inputs[:2], params).result()  # warm-up

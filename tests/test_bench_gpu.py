@@ -3,12 +3,15 @@ time then goes to measuring, not to finding a mistake in the benchmark."""
 
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import gpu_throughput
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_every_variant_but_compiled_ones_on_the_cpu():
     written = {}
     record = gpu_throughput.main(quick=True, write=lambda name, r: written.update({name: r}),

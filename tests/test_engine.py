@@ -14,6 +14,8 @@ from lora_pipeline.errors import PipelineError
 from lora_pipeline.models import SMOLLM2, load_model
 from lora_pipeline.render import render_conversations
 
+pytestmark = pytest.mark.slow  # trains the real model
+
 ADAM = types.AdamParams(learning_rate=5e-4)
 
 

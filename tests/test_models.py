@@ -1,6 +1,7 @@
 """Base models: the SmolLM2 cache (converted once from GGUF, and equal to the GGUF original on
 real text), and any transformers model folder."""
 
+import pytest
 import importlib.util
 import json
 from pathlib import Path
@@ -35,6 +36,7 @@ def test_cached_tokenizer_matches_the_gguf_tokenizer():
         assert cached.decode(ids) == text
 
 
+@pytest.mark.slow
 def test_cached_model_answers_like_smollm2(tmp_path):
     engine = LocalEngine(SMOLLM2, rank=4, seed=0, root=tmp_path)
     prompt = engine.renderer.build_generation_prompt(
@@ -58,6 +60,7 @@ def test_the_tiny_test_model_carries_smollm2s_chat_template():
     assert load_tokenizer(SMOLLM2).chat_template == SMOLLM2_CHAT_TEMPLATE
 
 
+@pytest.mark.slow
 def test_any_model_folder_trains_resumes_samples_and_loads_with_plain_peft(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tiny.parent)  # named as on a command line, relative to the working folder
