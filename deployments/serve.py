@@ -7,8 +7,10 @@ that schedules, or what `prefect deployment run lora-pipeline/nightly` asks for.
 (Ctrl-C or SIGTERM) pauses the schedule.
 """
 
+import asyncio
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -28,21 +30,33 @@ def nightly_definition(project: Path = PROJECT) -> dict:
     return next(d for d in yaml.safe_load(path.read_text())["deployments"] if d["name"] == "nightly")
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM stops the runner as Ctrl-C does; if it is stuck (a Prefect server that went
-    away keeps it retrying), the process exits anyway after STOP_GRACE_S seconds."""
-    def stop(signum, frame):
-        threading.Timer(STOP_GRACE_S, lambda: os._exit(128 + signum)).start()
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
-
-
 def serve() -> None:
+    from prefect.runner import Runner
     from prefect.schedules import Cron
 
     from lora_pipeline.flows.pipeline import lora_pipeline
 
     nightly = nightly_definition()
-    _stop_on_sigterm()
-    lora_pipeline.serve(name="nightly", description=nightly["description"], parameters=nightly["parameters"],
-                        schedules=[Cron(s["cron"], timezone=s["timezone"]) for s in nightly["schedules"]])
+    runner = Runner(name="lora-pipeline-nightly")  # pauses the schedule when it stops
+    runner.add_flow(lora_pipeline, name="nightly", description=nightly["description"],
+                    parameters=nightly["parameters"],
+                    schedules=[Cron(s["cron"], timezone=s["timezone"]) for s in nightly["schedules"]])
+    # The runner works in a thread of its own, so that SIGTERM and Ctrl-C come here rather than
+    # to Prefect's handler, which waits for the server to answer, forever if it has gone away.
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    working = threading.Thread(target=asyncio.run, args=(runner.start(),), name="runner", daemon=True)
+    working.start()
+    print("Serving lora-pipeline/nightly, on its schedule and on demand: "
+          "prefect deployment run lora-pipeline/nightly. Ctrl-C stops it.", flush=True)
+    while working.is_alive() and not stop.wait(1):
+        pass
+    if stop.is_set() and working.is_alive():
+        print("Stopping: pausing the schedule, cancelling runs in progress.", flush=True)
+        runner.execute_in_background(runner.astop)
+        working.join(STOP_GRACE_S)
+        if working.is_alive():
+            print(f"The runner did not stop within {STOP_GRACE_S} s (is the Prefect server gone?); exiting.",
+                  file=sys.stderr, flush=True)
+            os._exit(1)

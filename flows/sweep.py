@@ -66,9 +66,11 @@ def lora_sweep(**params) -> dict:
         child, threads = _through(sweep.deployment), len(configs)
     else:
         child, threads = _in_process, at_once
+    # Each child runs in a copy of this thread's context, taken here: with this flow run in it,
+    # the children are its subflows.
+    contexts = [contextvars.copy_context() for _ in configs]
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sweep") as pool:
-        # Each thread carries this flow run's context, so the children show as its subflows.
-        failures = list(pool.map(lambda c: contextvars.copy_context().run(child, c), configs))
+        failures = list(pool.map(lambda context, config: context.run(child, config), contexts, configs))
 
     runs = []
     for config, failure in zip(configs, failures):

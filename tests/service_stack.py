@@ -124,7 +124,7 @@ class ServiceStack:
                 return name
         return None
 
-    def run(self, deployment: str, **params) -> str:
+    def run(self, deployment: str, /, **params) -> str:
         """Starts a run of `deployment` as `prefect deployment run -p name=value` does; its id."""
         args = ["deployment", "run", deployment]
         for k, v in params.items():

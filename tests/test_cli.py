@@ -54,7 +54,7 @@ def test_train_then_test_give_the_workflows_layout(tmp_path, small_data):
     r = cli("train", "--data", small_data, "--batch", 4, "--max-steps", 4, "--save-every", 2,
             "--learning-rate", 5e-4, "--output-dir", "checkpoints", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    [run] = (tmp_path / "checkpoints").iterdir()
+    [run] = (tmp_path / "checkpoints").glob("lora_*")
     assert run.name.startswith("lora_HuggingFaceTB_SmolLM2-135M-Instruct_")
     for name in ("config.json", "training_log.json", "checkpoint_step_2", "checkpoint_step_4",
                  "final_lora_weights", "training_state"):

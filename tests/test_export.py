@@ -75,14 +75,15 @@ def leftovers(parent) -> list[str]:
 
 @pytest.mark.slow  # the first adapter build loads SmolLM2 on the server; the test loads it again
 def test_final_weights_become_a_peft_adapter_that_loads_and_generates(server, run_dir):
-    record_before = json.loads((run_dir / "final_lora_weights" / "lora_pipeline.json").read_text())
-    assert sorted(p.name for p in (run_dir / "final_lora_weights").iterdir()) == ["lora_pipeline.json"]
-
-    assert export_run_weights(run_dir, timeout=TIMEOUT) == [run_dir / "final_lora_weights"]
-
     final = run_dir / "final_lora_weights"
+    # A Tinker training ends by downloading its adapter, so the run folder serves anywhere.
     assert sorted(p.name for p in final.iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "lora_pipeline.json"]
+    record_before = json.loads((final / "lora_pipeline.json").read_text())
+    trained = adapter_bytes(final)
+
+    assert export_run_weights(run_dir, timeout=TIMEOUT) == [final]
+    assert adapter_bytes(final) == trained  # exporting again gives the same weights
     record = json.loads((final / "lora_pipeline.json").read_text())
     # The tinker:// path stays beside the adapter, and says what was downloaded.
     assert record["sampler_path"] == record_before["sampler_path"]
