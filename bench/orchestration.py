@@ -98,7 +98,7 @@ def main() -> None:
         # The same batches as the pipeline's, so both loops do the same arithmetic.
         examples, _ = render_conversations(read_chat_jsonl(SAMPLE), renderer_for(SMOLLM2, load_tokenizer(SMOLLM2)),
                                            1024, "truncate")
-        order = epoch_batches([d.model_input.length for d in examples], 8, 0, 0)[:a.steps]
+        order = epoch_batches(len(examples), 8, 0, 0)[:a.steps]
         counter = iter(range(10**6))
         in_steps = {"flow": [], "bare": []}  # seconds spent in the steps' own calls
         steps_wall = {"flow": [], "bare": in_steps["bare"]}  # first step's start to last step's end

@@ -1,8 +1,8 @@
 """Training throughput of the local engine: trained tokens per second through the pipeline's
 training loop (TrainingRun.step) against a plain PyTorch + PEFT loop on the same model, LoRA,
-batches and lengths; the share of computed tokens that are padding, with the pipeline's
-length-grouped batches and with plain shuffled ones; and each loop's peak resident memory
-(measured in a child process of its own).
+batches and lengths; the share of computed tokens that are padding, with each batch computed in
+chunks of similar lengths as the local engine does and padded whole as the plain loop does;
+and each loop's peak resident memory (measured in a child process of its own).
 
     python bench/throughput.py [--steps 10] [--repeats 2]     # on the CPU: bench/results/throughput.json
     python bench/throughput.py --device cuda [--quick]       # on a GPU: bench/results/throughput_gpu.json
@@ -22,12 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from common import write  # noqa: E402
 from plain_loop import PlainLoop  # noqa: E402
+
+from lora_pipeline.engines.local import length_chunks  # noqa: E402
 
 from lora_pipeline.settings import TrainSettings  # noqa: E402
 from lora_pipeline.train import TrainingRun  # noqa: E402
@@ -96,18 +97,16 @@ def main() -> None:
             for batch in batches:
                 plain.step(batch)
             best["plain_peft_loop"] = min(best["plain_peft_loop"], time.perf_counter() - start)
-        lengths = [d.model_input.length for d in run.examples]
-        grouped = [[d.model_input.length for d in run.batch(n)] for n in range(1, run.steps_per_epoch + 1)]
-        order = np.random.default_rng(0).permutation(len(lengths))
-        shuffled = [[lengths[j] for j in order[i:i + 8]] for i in range(0, run.steps_per_epoch * 8, 8)]
+        whole = [[d.model_input.length for d in run.batch(n)] for n in range(1, run.steps_per_epoch + 1)]
+        chunked = [[b[i] for i in chunk] for b in whole for chunk in length_chunks(b)]
         run.close()
     per_second = {k: tokens / v for k, v in best.items()}
     write("throughput", {
         "steps": a.steps, "batch": 8, "trained_tokens": tokens,
         "trained_tokens_per_second": {k: round(v, 1) for k, v in per_second.items()},
         "pipeline_over_plain_ratio": round(per_second["pipeline"] / per_second["plain_peft_loop"], 3),
-        "padding_fraction": {"pipeline_length_grouped": round(padding(grouped), 3),
-                             "shuffled_batches": round(padding(shuffled), 3)},
+        "padding_fraction": {"pipeline_length_chunks": round(padding(chunked), 3),
+                             "whole_batches": round(padding(whole), 3)},
         "peak_rss_mib": rss,
         "targets": {"pipeline_over_plain_ratio": 0.95, "padding_fraction": 0.10},
     })

@@ -32,9 +32,11 @@ STATE = "training_state"
 # Saved in every adapter, state or checkpoint folder by the engine: backend, base model, rank
 # (and the tinker:// paths for Tinker runs); and by the training loop, the step it holds.
 INFO_FILE = "lora_pipeline.json"
-# config.json's layout; a run folder of another format is not continued. 2: saved states
-# record their step, summaries the final weights' hash, run folders are named by content.
-FORMAT = 2
+# config.json's layout and the training recipe; a run folder of another format is not continued.
+# 2: saved states record their step, summaries the final weights' hash, run folders are named by
+# content. 3: the loss is a per-token mean and batches are not length-grouped (continuing a
+# format-2 run would change the recipe midway).
+FORMAT = 3
 
 
 def checkpoint_name(step: int) -> str:

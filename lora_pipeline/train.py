@@ -27,8 +27,6 @@ from .settings import TrainSettings
 # Where checkpoints go, how often, and timeouts may change between tries.
 RESUME_KEYS = ("data_sha256", "batch", "max_steps", "rank", "learning_rate", "backend", "base_model",
                "seed", "max_length", "on_overflow", "beta1", "beta2", "eps", "weight_decay")
-# Batches of similar length are formed within windows of this many batches (see epoch_batches).
-LENGTH_WINDOW = 16
 
 
 def run_folder_name(config: dict) -> str:
@@ -44,22 +42,27 @@ def trained_tokens(data: list[types.Datum]) -> float:
     return sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in data)
 
 
-def epoch_batches(lengths: list[int], batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches of an epoch, as indices into `lengths` (the examples' token counts): a fresh
-    seeded shuffle, then, within windows of LENGTH_WINDOW batches, examples of similar length are
-    batched together and the batches shuffled. Padding a batch to its longest example then
-    wastes little compute (the local engine pads; see bench/throughput.py), and which examples
-    share a step is still random beyond the window. The last partial batch is dropped: every
-    step sees `batch` examples, and a step's batch depends only on (data, seed, step), which
-    exact replay relies on."""
-    rng = np.random.default_rng([seed, epoch])
-    steps = len(lengths) // batch
-    order = rng.permutation(len(lengths))[:steps * batch]
-    batches = []
-    for w in range(0, len(order), LENGTH_WINDOW * batch):
-        window = sorted(order[w:w + LENGTH_WINDOW * batch], key=lambda j: lengths[j])
-        batches += [window[i:i + batch] for i in range(0, len(window), batch)]
-    return [batches[k] for k in rng.permutation(len(batches))]
+def epoch_batches(examples: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of an epoch, as example indices: a fresh seeded shuffle cut into batches of
+    `batch`. Not grouped by length: batching similar lengths together saved padding but made the
+    held-out loss 1.7x worse on the sample data (a batch of one length is mostly one kind of
+    example; bench/quality.py), and the local engine wins most of the padding back by computing
+    a batch in chunks of similar lengths. The last partial batch is dropped: every step sees
+    `batch` examples, and a step's batch depends only on (data, seed, step), which exact replay
+    relies on."""
+    order = np.random.default_rng([seed, epoch]).permutation(examples)
+    return [order[i:i + batch].tolist() for i in range(0, examples // batch * batch, batch)]
+
+
+def normalised(batch: list[types.Datum]) -> list[types.Datum]:
+    """The batch with every loss weight divided by the batch's trained tokens. Both engines sum
+    weighted token losses (Tinker's cross_entropy), so the sum is then the mean NLL per trained
+    token, the loss a step minimises and logs: a step's size does not grow with its batch's
+    token count."""
+    total = trained_tokens(batch)
+    return [dataclasses.replace(d, loss_fn_inputs={
+        **d.loss_fn_inputs, "weights": types.TensorData.from_torch(d.loss_fn_inputs["weights"].to_torch().float() / total)})
+        for d in batch]
 
 
 def learning_rate(peak: float, step: int, total_steps: int) -> float:
@@ -284,8 +287,7 @@ class TrainingRun:
         """The examples of 1-based `step`, a function of the data, the seed and the step."""
         epoch, i = divmod(step - 1, self.steps_per_epoch)
         if self._epoch is None or self._epoch[0] != epoch:
-            lengths = [d.model_input.length for d in self.examples]
-            self._epoch = (epoch, epoch_batches(lengths, self.settings.batch, self.settings.seed, epoch))
+            self._epoch = (epoch, epoch_batches(len(self.examples), self.settings.batch, self.settings.seed, epoch))
         return [self.examples[j] for j in self._epoch[1][i]]
 
     def learning_rate(self, step: int) -> float:
@@ -299,7 +301,7 @@ class TrainingRun:
         adam = types.AdamParams(learning_rate=self.learning_rate(step), beta1=s.beta1, beta2=s.beta2,
                                 eps=s.eps, weight_decay=s.weight_decay)
         # Both are submitted before either is awaited: on Tinker they then share a clock cycle.
-        return self.engine.forward_backward(batch, "cross_entropy"), self.engine.optim_step(adam)
+        return self.engine.forward_backward(normalised(batch), "cross_entropy"), self.engine.optim_step(adam)
 
     def _apply(self, step: int, batch: list[types.Datum]) -> types.ForwardBackwardOutput:
         fb, opt = self.queued.pop(step, None) or self._submit(step, batch)
@@ -358,7 +360,7 @@ class TrainingRun:
         out = self._guarded(step - 1, f"step {step}", lambda: self._apply(step, batch))
         self.done = step
         tokens = trained_tokens(batch)
-        loss = out.metrics["loss:sum"] / tokens
+        loss = out.metrics["loss:sum"]  # the batch's mean NLL per trained token (see normalised)
         if not math.isfinite(loss):
             last = next((f"{e.name} (step {e.step})" for e in reversed(self.saved) if e.state_path), "none")
             raise PipelineError(f"step {step}: the training loss is {loss} (not a finite number): training "
