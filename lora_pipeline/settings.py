@@ -27,11 +27,14 @@ FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "quest
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
             choices: tuple | None = None, min: float | None = None, above: float | None = None,
-            max: float | None = None, below: float | None = None, pattern: tuple[str, str] | None = None):
+            max: float | None = None, below: float | None = None, pattern: tuple[str, str] | None = None,
+            shapes_training: bool = False):
     """A dataclass field with what the CLI and the checks need: help text, an optional flag
     name other than the field's, allowed choices, bounds (`min`/`max` inclusive, `above`/`below`
-    exclusive; numbers must also be finite) and, for text, a (regex, rule in words) pattern."""
-    metadata = {"help": help, "flag": flag, "choices": choices, "pattern": pattern,
+    exclusive; numbers must also be finite) and, for text, a (regex, rule in words) pattern.
+    `shapes_training`: a training setting that changes the steps' arithmetic, so a run folder is
+    continued only with the same value, and its name is keyed on it (see resume_keys)."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "pattern": pattern, "shapes_training": shapes_training,
                 "bounds": {k: v for k, v in (("min", min), ("above", above), ("max", max), ("below", below))
                            if v is not None}}
     return field(default=default, metadata=metadata)
@@ -41,6 +44,11 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | N
 FOLDER_NAME = (r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}",
                "one folder name: letters, digits, '.', '_' and '-', starting with a letter or digit, "
                "at most 100 characters")
+
+
+def resume_keys(cls) -> tuple[str, ...]:
+    """The settings of `cls` that shape a training's steps (setting(shapes_training=True))."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("shapes_training"))
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -92,19 +100,19 @@ class Checked:
 class BaseModelChoice:
     base_model: str | None = setting(
         None, "the base model: a hub id or a transformers model folder (default: SmolLM2-135M-Instruct "
-              "locally, Qwen/Qwen3-8B on tinker; `test`: the base recorded with the adapter)")
+              "locally, Qwen/Qwen3-8B on tinker; `test`: the base recorded with the adapter)", shapes_training=True)
 
 
 @dataclass(kw_only=True)
 class Seeded:
     seed: int = setting(0, "random seed: data sample and split, LoRA initialisation, batch order, sampling",
-                        min=0)
+                        min=0, shapes_training=True)
 
 
 @dataclass(kw_only=True)
 class LengthLimit:
-    max_length: int = setting(1024, "token limit per example", min=1)
-    on_overflow: str = setting("truncate", "what to do with longer examples", choices=OVERFLOW_CHOICES)
+    max_length: int = setting(1024, "token limit per example", min=1, shapes_training=True)
+    on_overflow: str = setting("truncate", "what to do with longer examples", choices=OVERFLOW_CHOICES, shapes_training=True)
 
 
 @dataclass(kw_only=True)
@@ -146,10 +154,10 @@ class TrainSettings(Checked, BaseModelChoice, Seeded, LengthLimit, Placement, De
     data: str = setting(help="chat JSONL from `prepare`")
     val_data: str | None = setting(
         None, "held-out chat JSONL for the validation loss (default: the .val.jsonl beside --data, if any)")
-    batch: int = setting(8, "examples per step", min=1)
-    max_steps: int = setting(0, "training steps (0: one full epoch)", min=0)
-    rank: int = setting(16, "LoRA rank", min=1)
-    learning_rate: float = setting(1e-4, "peak learning rate, decayed linearly", above=0)
+    batch: int = setting(8, "examples per step", min=1, shapes_training=True)
+    max_steps: int = setting(0, "training steps (0: one full epoch)", min=0, shapes_training=True)
+    rank: int = setting(16, "LoRA rank", min=1, shapes_training=True)
+    learning_rate: float = setting(1e-4, "peak learning rate, decayed linearly", above=0, shapes_training=True)
     save_every: int = setting(25, "checkpoint every N steps (0: only the final weights)", min=0)
     output_dir: str = setting("checkpoints", "where run folders go")
     run_name: str | None = setting(
@@ -158,11 +166,11 @@ class TrainSettings(Checked, BaseModelChoice, Seeded, LengthLimit, Placement, De
         pattern=FOLDER_NAME)
     start_over: bool = setting(False, "replace an existing run folder of that name instead of continuing it")
     backend: str = setting("auto", "local, tinker, or auto (tinker when TINKER_API_KEY is set)",
-                           choices=BACKENDS)
-    beta1: float = setting(0.9, "AdamW beta1", min=0, below=1)
-    beta2: float = setting(0.95, "AdamW beta2", min=0, below=1)
-    eps: float = setting(1e-8, "AdamW epsilon", above=0)
-    weight_decay: float = setting(0.0, "AdamW weight decay", min=0)
+                           choices=BACKENDS, shapes_training=True)
+    beta1: float = setting(0.9, "AdamW beta1", min=0, below=1, shapes_training=True)
+    beta2: float = setting(0.95, "AdamW beta2", min=0, below=1, shapes_training=True)
+    eps: float = setting(1e-8, "AdamW epsilon", above=0, shapes_training=True)
+    weight_decay: float = setting(0.0, "AdamW weight decay", min=0, shapes_training=True)
     concurrency_limit: str | None = setting(
         None, "a Prefect global concurrency limit to hold a slot of while training (a sweep through a "
               "deployment sets it, so that its trainings on the workers are bounded)")

@@ -21,12 +21,11 @@ from .export import export_run_weights
 from .models import resolve_device
 from .render import render_conversations
 from .run_folder import FINAL, FORMAT, STATE, CheckpointRecord, RunFolder, RunSummary, checkpoint_name
-from .settings import TrainSettings
+from .settings import TrainSettings, resume_keys
 
-# What must match for a run folder to be continued: the data and all that shapes the steps.
-# Where checkpoints go, how often, and timeouts may change between tries.
-RESUME_KEYS = ("data_sha256", "batch", "max_steps", "rank", "learning_rate", "backend", "base_model",
-               "seed", "max_length", "on_overflow", "beta1", "beta2", "eps", "weight_decay")
+# What must match for a run folder to be continued: the data and the settings that shape the
+# steps (marked in settings.py). Where checkpoints go, how often, and timeouts may change.
+RESUME_KEYS = ("data_sha256", *resume_keys(TrainSettings))
 
 
 def run_folder_name(config: dict) -> str:
