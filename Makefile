@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= runs
 
-.PHONY: install run test test-fast lint fuzz serve server postgres pool deploy worker bench bench-gpu clean
+.PHONY: install run test test-fast lint fuzz serve server postgres pool deploy worker bench bench-install bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -63,9 +63,16 @@ serve: install
 	$(BIN)/lora-pipeline serve
 
 # Benchmarks write their figures to bench/results/<name>.json.
-bench: install
-	for b in orchestration tinker_pipelining throughput prepare evaluate rerun; do \
+bench: bench-install
+	for b in orchestration tinker_pipelining throughput prepare evaluate rerun service quality; do \
 		$(BIN)/python bench/$$b.py || exit 1; done
+
+# TRL, which bench/quality.py compares against; `make install` leaves it out.
+bench-install: $(VENV)/.bench-installed
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench]'
+	touch $@
 
 # On a GPU machine whose python3 has a CUDA build of PyTorch: the GPU-marked tests and
 # `bench/throughput.py --device cuda`, in a venv of its own (.venv-gpu) that installs the rest from
