@@ -24,12 +24,16 @@ run: install
 		--test-prompts data/sample/test_prompts.json --batch 8 --max-steps 30 \
 		--learning-rate 5e-4 --save-every 10 --max-tokens 60 --output-dir $(DEMO_DIR)
 
+# Two processes, each taking whole test files: many tests wait on servers, workers and deadlines,
+# so a second process uses the cores they leave idle.
+PYTEST := $(BIN)/pytest -q -n 2 --dist loadfile
+
 test: install
-	$(BIN)/pytest -q
+	$(PYTEST)
 
 # The edit loop: no model training, no server (see the `slow` marker in pyproject.toml).
 test-fast: install
-	$(BIN)/pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,8 +1,18 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
+
+# Under `pytest -n N`, each process and the commands it starts compute on its share of the
+# cores: torch's threads, one per core in every process, would otherwise outnumber them, and an
+# oversubscribed torch slows down many times over. Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import pytest
 
@@ -22,6 +32,11 @@ pytest_plugins = ["tiny_model"]  # its `tiny` fixture: a small random model fold
 # may still be running (servers, workers, databases, commands killed half-way).
 SESSION_MARK = "LORA_PIPELINE_TEST_SESSION"
 os.environ[SESSION_MARK] = uuid.uuid4().hex
+# A Prefect home of the session's own: the commands' temporary servers keep their database
+# there, not in the developer's ~/.prefect, and sessions running side by side (pytest -n) do
+# not share one SQLite file.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="lora-tests-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -58,3 +73,14 @@ def small_data(tmp_path) -> Path:
     path = tmp_path / "small.jsonl"
     path.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[:40]))
     return path
+
+
+# The longest test files, longest first: `pytest -n 2 --dist loadfile` hands out files in
+# collection order, and starting the long ones first keeps both processes busy to the end.
+LONGEST_FIRST = ("test_service.py", "test_resume.py", "test_train.py", "test_cli.py", "test_deployment.py",
+                 "test_tinker.py", "test_flow.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
