@@ -12,20 +12,20 @@ from . import RETRY, cached_on_content, sdk_retries_logged
       persist_result=True, **RETRY)
 @sdk_retries_logged
 def evaluate_adapter(settings: EvaluateSettings) -> str:
-    """Samples LoRA (and base) answers to the test prompts; returns the results file. Each
-    batch of answers is logged and advances the `lora-pipeline-evaluation` progress artifact."""
+    """Samples LoRA (and base) answers to the test prompts; returns the results file. Progress
+    is logged as it comes and advances the `lora-pipeline-evaluation` progress artifact."""
     logger = get_run_logger()
     sides = 2 if settings.compare_base else 1
     progress = create_progress_artifact(0.0, key="lora-pipeline-evaluation",
                                         description="answering the test prompts")
-    finished = {"lora": 0, "base": 0}
+    share = {"lora": 0.0, "base": 0.0}
 
-    def answered(who: str, done: int, total: int, tokens: int, seconds: float) -> None:
-        finished[who] = done
+    def answered(who: str, done: int, total: int, tokens: int, seconds: float, fraction: float) -> None:
+        share[who] = fraction
         name = "LoRA" if who == "lora" else "base model"
         said = f"{name}: {done}/{total} prompts answered, {tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tokens/s"
         logger.info(said)
-        update_progress_artifact(progress, 100 * sum(finished.values()) / (sides * total), description=said)
+        update_progress_artifact(progress, 100 * sum(share.values()) / sides, description=said)
 
     result = run_test(settings, answered)
     logger.info("%d prompts answered by the LoRA%s -> %s", len(result["results"]),

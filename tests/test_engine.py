@@ -125,3 +125,12 @@ def test_sample_is_batched_seeded_and_stops(tmp_path):
     assert story.stop_reason == "length" and len(story.tokens) == 12
     [greedy] = engine.sample(prompts[:1], types.SamplingParams(max_tokens=40, temperature=0)).result()
     assert greedy.stop_reason == "stop" and engine.stop_tokens[0] not in greedy.tokens
+
+    # Progress as it generates, one report a position: answers finished, tokens so far.
+    reports = []
+    both = engine.sample([prompts[0], prompts[0], prompts[1]], types.SamplingParams(max_tokens=40, temperature=0),
+                         progress=lambda *r: reports.append(r)).result()
+    assert [steps for _, _, steps in reports] == list(range(1, len(reports) + 1))
+    assert reports[-1][:2] == (2, sum(len(s.tokens) for s in both))  # the short answers ended, the story did not
+    assert [done for done, _, _ in reports] == sorted(done for done, _, _ in reports)
+    assert reports[len(greedy.tokens) - 1][0] == 0 and reports[len(greedy.tokens)][0] == 2

@@ -15,7 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tinker import types
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from ..data import replace_dir, umask_mode
 from ..errors import PipelineError
@@ -55,6 +55,23 @@ def length_chunks(lengths: list[int], call_cost: int = CALL_COST_TOKENS) -> list
         chunks.append(order[cut[j]:j])
         j = cut[j]
     return chunks[::-1]
+
+
+class _Progress(StoppingCriteria):
+    """Reports generation as it goes, and stops nothing: one batch for all the prompts is
+    several times faster than batches small enough to report on one by one."""
+
+    def __init__(self, width: int, stop_tokens: list[int], report):
+        self.width, self.stop_tokens, self.report = width, torch.tensor(stop_tokens), report
+
+    def __call__(self, input_ids, scores, **kwargs):
+        new = input_ids[:, self.width:].cpu()
+        stopped = torch.isin(new, self.stop_tokens)
+        ended = stopped.any(dim=1)
+        # Each answer's tokens before its first stop token.
+        lengths = torch.where(ended, stopped.int().argmax(dim=1), torch.tensor(new.shape[1]))
+        self.report(int(ended.sum()), int(lengths.sum()), new.shape[1])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class LocalEngine:
@@ -223,10 +240,12 @@ class LocalEngine:
 
     # -- sampling --------------------------------------------------------------------------
     def sample(self, prompts: list[types.ModelInput], params: types.SamplingParams,
-               lora: bool = True) -> Future:
+               lora: bool = True, progress=None) -> Future:
         """One completion per prompt, all prompts in one batch. Stops at the end-of-turn token
         (not included in the tokens) or after `max_tokens`. Seeded: the same seed and prompts
-        give the same answers, and sampling does not disturb the training RNG."""
+        give the same answers, and sampling does not disturb the training RNG. `progress(done,
+        tokens, steps)`, if given, is called after every generated position: answers finished,
+        tokens generated so far, positions generated."""
         rows = [p.to_ints() for p in prompts]
         width = max(map(len, rows))
         # Left padding, so every prompt's last token sits in the same column for generation.
@@ -238,6 +257,8 @@ class LocalEngine:
         if not greedy:
             kwargs.update(temperature=params.temperature, top_p=params.top_p,
                           top_k=params.top_k if params.top_k and params.top_k > 0 else 0)
+        if progress:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Progress(width, self.stop_tokens, progress)])
         self.model.eval()
         gpu = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=gpu), torch.no_grad():
