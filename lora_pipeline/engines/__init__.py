@@ -53,8 +53,10 @@ class Engine(Protocol):
         """The adapter for inference; the result is its path."""
 
     def sample(self, prompts: list[types.ModelInput], params: types.SamplingParams,
-               lora: bool = True) -> Result:
-        """One completion per prompt, from the LoRA or its base: a list of SampledSequence."""
+               lora: bool = True, progress=None) -> Result:
+        """One completion per prompt, from the LoRA or its base: a list of SampledSequence.
+        `progress(done, tokens, positions)` is called while the answers are generated, by an
+        engine that can see them coming (the local one)."""
 
     def close(self, status: str = "success") -> None:
         """Release the session, if any."""

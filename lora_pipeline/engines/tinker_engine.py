@@ -207,9 +207,10 @@ class TinkerEngine:
 
     # -- sampling --------------------------------------------------------------------------
     def sample(self, prompts: list[types.ModelInput], params: types.SamplingParams,
-               lora: bool = True) -> "Gather":
+               lora: bool = True, progress=None) -> "Gather":
         """One completion per prompt from the saved LoRA weights (or the base model), all
-        requests in flight together. The end-of-turn token is not included in the tokens."""
+        requests in flight together. The end-of-turn token is not included in the tokens. The
+        service returns each answer whole, so there is no `progress` to report before then."""
         model_path = self.sampler_path if lora else None
         if lora and not model_path:
             raise PipelineError("no LoRA weights to sample from yet: save_weights_for_sampler first")
