@@ -57,20 +57,24 @@ def length_chunks(lengths: list[int], call_cost: int = CALL_COST_TOKENS) -> list
     return chunks[::-1]
 
 
+def _until_stop(generated: torch.Tensor, stop_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of generated tokens: whether it holds a stop token, and how many tokens
+    come before its first one (all of them if none)."""
+    stopped = torch.isin(generated, torch.tensor(stop_tokens, device=generated.device))
+    ended = stopped.any(dim=1)
+    return ended, torch.where(ended, stopped.int().argmax(dim=1), generated.shape[1])
+
+
 class _Progress(StoppingCriteria):
     """Reports generation as it goes, and stops nothing: one batch for all the prompts is
     several times faster than batches small enough to report on one by one."""
 
     def __init__(self, width: int, stop_tokens: list[int], report):
-        self.width, self.stop_tokens, self.report = width, torch.tensor(stop_tokens), report
+        self.width, self.stop_tokens, self.report = width, stop_tokens, report
 
     def __call__(self, input_ids, scores, **kwargs):
-        new = input_ids[:, self.width:].cpu()
-        stopped = torch.isin(new, self.stop_tokens)
-        ended = stopped.any(dim=1)
-        # Each answer's tokens before its first stop token.
-        lengths = torch.where(ended, stopped.int().argmax(dim=1), torch.tensor(new.shape[1]))
-        self.report(int(ended.sum()), int(lengths.sum()), new.shape[1])
+        ended, lengths = _until_stop(input_ids[:, self.width:], self.stop_tokens)
+        self.report(int(ended.sum()), int(lengths.sum()), input_ids.shape[1] - self.width)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -268,14 +272,11 @@ class LocalEngine:
             else:
                 with self.model.disable_adapter():
                     out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        sequences = []
-        for i, row in enumerate(out[:, width:].tolist()):
-            stop_at = next((j for j, t in enumerate(row) if t in self.stop_tokens), None)
-            tokens = row if stop_at is None else row[:stop_at]
-            sequences.append(types.SampledSequence(
-                stop_reason="length" if stop_at is None else "stop", sequence_id=str(i),
-                tokens_np=np.asarray(tokens, dtype=np.int64)))
-        return _done(sequences)
+        generated = out[:, width:]
+        ended, lengths = _until_stop(generated, self.stop_tokens)
+        return _done([types.SampledSequence(stop_reason="stop" if stop else "length", sequence_id=str(i),
+                                            tokens_np=row[:n].cpu().numpy().astype(np.int64))
+                      for i, (row, stop, n) in enumerate(zip(generated, ended.tolist(), lengths.tolist()))])
 
     # -- saving and loading ----------------------------------------------------------------
     def _write(self, name: str, write) -> str:
