@@ -20,14 +20,15 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def load_prompts(path: str | None, limit: int = 16) -> list[list[dict]]:
-    """Prompts as message lists: a JSON list of message lists, or of strings (user turns); or a
+def load_prompts(path: str | None, limit: int = 16) -> list[dict]:
+    """Prompts as conversations, `{"messages": [...]}` (and `"tools": [...]` where the model is
+    offered tools): from a JSON list of message lists, or of strings (user turns); or from a
     chat JSONL such as prepare's validation split, whose conversations up to their last answer
-    become the prompts (the first `limit`)."""
+    become the prompts (the first `limit`), each with its tools."""
     if not path:
-        return [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS]
+        return [{"messages": [{"role": "user", "content": p}]} for p in DEFAULT_PROMPTS]
     if str(path).endswith(".jsonl"):
-        return [row["messages"][:-1] for row in read_chat_jsonl(Path(path))[:limit]]
+        return [{**row, "messages": row["messages"][:-1]} for row in read_chat_jsonl(Path(path))[:limit]]
     try:
         items = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -47,7 +48,7 @@ def load_prompts(path: str | None, limit: int = 16) -> list[list[dict]]:
         if not ok:
             raise PipelineError(f"--test-prompts {path}: item {i} is neither a string nor a list of "
                                 '{"role", "content"} messages')
-        prompts.append(item)
+        prompts.append({"messages": item})
     return prompts
 
 
@@ -102,16 +103,17 @@ def _answer(engine, inputs: list, params: types.SamplingParams, who: str, progre
     return sequences
 
 
-def compare(lora_weights: str, prompts: list[list[dict]], s: SampleSettings, progress=None) -> dict:
-    """The workflow's test output: LoRA answers (and base answers with `compare_base`), with
-    the same settings and seed for both."""
+def compare(lora_weights: str, prompts: list[dict], s: SampleSettings, progress=None) -> dict:
+    """The workflow's test output: LoRA answers (and base answers with `compare_base`) to
+    `prompts` (conversations, as load_prompts gives them), with the same settings and seed for
+    both."""
     info = adapter_info(lora_weights)
     base_model = s.base_model or info["base_model"]
     if not base_model:
         raise PipelineError(f"--lora-weights {lora_weights}: no base model recorded; pass --base-model")
     engine = make_engine(info["backend"], base_model, rank=info["rank"], seed=s.seed,
                          request_timeout=s.request_timeout, weights=info, device=s.device, dtype=s.dtype)
-    inputs = [engine.renderer.build_generation_prompt(p) for p in prompts]
+    inputs = [engine.renderer.build_generation_prompt(p["messages"], p.get("tools")) for p in prompts]
     params = types.SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, seed=s.seed)
     try:
         answers = {who: _answer(engine, inputs, params, who, progress)
@@ -120,7 +122,8 @@ def compare(lora_weights: str, prompts: list[list[dict]], s: SampleSettings, pro
         engine.close()
     results = []
     for i, prompt in enumerate(prompts):
-        row = {"prompt": prompt}
+        row = {"prompt": prompt["messages"], **({"tools": prompt["tools"]} if prompt.get("tools") else {}),
+               "prompt_tokens": inputs[i].length}
         for who, seqs in answers.items():
             row[f"{who}_response"] = engine.tokenizer.decode(seqs[i].tokens, skip_special_tokens=True).strip()
             row[f"{who}_tokens"] = len(seqs[i].tokens)

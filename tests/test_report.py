@@ -63,7 +63,8 @@ def test_report_html_shows_the_run_as_logged(tmp_path, small_data):
                                   learning_rate=5e-4, output_dir=str(tmp_path / "runs"), backend="local",
                                   run_name="r")).open()
     summary = train(run)
-    prompts = [[{"role": "user", "content": "What is 2 < 3 & why?"}], [{"role": "user", "content": "Hello!"}]]
+    prompts = [{"messages": [{"role": "user", "content": "What is 2 < 3 & why?"}]},
+               {"messages": [{"role": "user", "content": "Hello!"}]}]
     results = compare(summary.final_lora_weights, prompts, SampleSettings(compare_base=True, max_tokens=8))
     report = write_report(summary, results)
 
