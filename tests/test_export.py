@@ -18,7 +18,7 @@ import dataclasses
 from lora_pipeline.run_folder import RunFolder
 from lora_pipeline.settings import TrainSettings
 from lora_pipeline.train import TrainingRun, train
-from tinker_server import TinkerTestServer
+from tinker_server import TinkerTestServer, service_client
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -140,16 +140,13 @@ def test_every_checkpoint_in_the_registry_exports(server, run_dir, tmp_path):
 
 
 def test_external_weights_path_exports_directly(server, tmp_path):
-    import tinker
-
-    service = tinker.ServiceClient()
-    client = service.create_lora_training_client(SMOLLM2, rank=4, seed=7).result(timeout=10)
-    path = client.save_weights_external("mine").result(timeout=10).path
-    folder = export(path, tmp_path / "ext", timeout=TIMEOUT)
-    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
-    assert json.loads((folder / "lora_pipeline.json").read_text())["external_path"] == path
-    assert path in [c.path for r in server.runs.values() for c in r.checkpoints]  # the user's own, kept
-    service.close("success").result(timeout=5)
+    with service_client(server) as service:
+        client = service.create_lora_training_client(SMOLLM2, rank=4, seed=7).result(timeout=10)
+        path = client.save_weights_external("mine").result(timeout=10).path
+        folder = export(path, tmp_path / "ext", timeout=TIMEOUT)
+        assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
+        assert json.loads((folder / "lora_pipeline.json").read_text())["external_path"] == path
+        assert path in [c.path for r in server.runs.values() for c in r.checkpoints]  # the user's own, kept
 
 
 @pytest.mark.parametrize("kind", ["truncate", "short"])

@@ -11,7 +11,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFi
 
 from lora_pipeline.flows.pipeline import lora_pipeline
 from lora_pipeline.models import SMOLLM2, load_tokenizer
-from tinker_server import TinkerTestServer
+from tinker_server import TinkerTestServer, service_client
 
 pytestmark = pytest.mark.slow  # trains a model or starts a Prefect server
 
@@ -175,14 +175,12 @@ def test_inspect_lists_models_runs_and_checkpoints(server, tmp_path):
     import sys
     from pathlib import Path
 
-    import tinker
-
-    service = tinker.ServiceClient()
-    client = service.create_lora_training_client(SMOLLM2, rank=4).result()
-    saved = client.save_state("step_0001").result().path
-    r = subprocess.run([str(Path(sys.executable).parent / "lora-pipeline"), "inspect", "--timeout", "10"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "TINKER_API_KEY: set" in r.stdout and server.api_key not in r.stdout + r.stderr
-    assert f"server models (2): {SMOLLM2}, Qwen/Qwen3-8B" in r.stdout
-    assert "recent training runs (1):" in r.stdout and saved in r.stdout
+    with service_client(server) as service:
+        client = service.create_lora_training_client(SMOLLM2, rank=4).result()
+        saved = client.save_state("step_0001").result().path
+        r = subprocess.run([str(Path(sys.executable).parent / "lora-pipeline"), "inspect", "--timeout", "10"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "TINKER_API_KEY: set" in r.stdout and server.api_key not in r.stdout + r.stderr
+        assert f"server models (2): {SMOLLM2}, Qwen/Qwen3-8B" in r.stdout
+        assert "recent training runs (1):" in r.stdout and saved in r.stdout

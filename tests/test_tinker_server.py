@@ -28,7 +28,7 @@ import time
 import pytest
 import tinker
 import torch
-from tinker_server import DEFAULT_SAMPLE_TOKENS, TinkerTestServer
+from tinker_server import DEFAULT_SAMPLE_TOKENS, TinkerTestServer, service_client
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # deprecated-but-supported SDK calls
 
@@ -67,16 +67,8 @@ def server():
 
 @pytest.fixture
 def service(server):
-    sc = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
-    yield sc
-    # Finish the session while the server is still up, so no heartbeat or retry outlives it.
-    server.clear_faults()
-    if not server.running:
-        return
-    try:
-        sc.close("success").result(timeout=5)
-    except Exception:
-        pass
+    with service_client(server) as sc:
+        yield sc
 
 
 @pytest.fixture
@@ -93,8 +85,7 @@ def test_capabilities_default_and_configured(server, service):
     rest = tinker.RestClient(base_url=server.base_url, api_key=server.api_key)
     assert [m.model_name for m in rest.get_server_capabilities().result(timeout=10).supported_models] == names
 
-    with TinkerTestServer(models=["acme/tiny-1"]) as other:
-        sc = tinker.ServiceClient(base_url=other.base_url, api_key=other.api_key)
+    with TinkerTestServer(models=["acme/tiny-1"]) as other, service_client(other) as sc:
         caps = sc.get_server_capabilities()
         assert [m.model_name for m in caps.supported_models] == ["acme/tiny-1"]
         assert caps.supported_models[0].trainable and caps.supported_models[0].sampleable
@@ -246,8 +237,8 @@ def test_hang_on_submission_times_out_caller_and_blocks_the_clients_queue(server
     assert time.monotonic() - t1 < 1.5
 
 
-def test_hang_on_create_session_blocks_the_callers_thread(server):
-    sc = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+def test_hang_on_create_session_blocks_the_callers_thread(server, service):
+    sc = service
     server.fault("create_session", "hang")
     outcome: list[object] = []
 
@@ -288,9 +279,9 @@ def test_transient_status_on_submission_is_retried_by_sdk(server, trainer, statu
     assert server.runs[trainer.model_id].steps == 1
 
 
-def test_500_on_create_session_is_retried_by_sdk(server):
+def test_500_on_create_session_is_retried_by_sdk(server, service):
     server.fault("create_session", "500", times=2)
-    sc = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+    sc = service
     t0 = time.monotonic()
     tc = sc.create_lora_training_client(SMOL).result(timeout=20)
     assert server.count("create_session") == 3 and time.monotonic() - t0 < 5
@@ -506,8 +497,7 @@ def test_loss_fn_inputs_of_the_wrong_shape_fail_as_user_errors(server, trainer, 
 
 
 def test_sequences_longer_than_the_context_fail_as_user_errors():
-    with TinkerTestServer(max_context_length=8) as server:
-        sc = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+    with TinkerTestServer(max_context_length=8) as server, service_client(server) as sc:
         tc = sc.create_lora_training_client(SMOL, rank=4).result(timeout=10)
         tc.forward([datum(list(range(1, 10)))], "cross_entropy").result(timeout=10)  # 8 input tokens fit
         user_error(tc.forward([datum(list(range(1, 11)))], "cross_entropy"),
@@ -559,8 +549,7 @@ def test_stop_token_ids_strings_and_none(server, service):
 
     tok = load_tokenizer(SMOL)
     answer = tok.encode("Arr! The sea be calm.", add_special_tokens=False) + [2]
-    with TinkerTestServer(sample_tokens=answer) as other:
-        sc = tinker.ServiceClient(base_url=other.base_url, api_key=other.api_key)
+    with TinkerTestServer(sample_tokens=answer) as other, service_client(other) as sc:
         sampler = sc.create_sampling_client(base_model=SMOL).result(timeout=10)
         default = sample(sampler, max_tokens=40).sequences[0]  # stop=None: the answer, then its end
         assert (default.tokens, default.stop_reason) == (answer, "stop")

@@ -136,6 +136,7 @@ file names to contents served with every export (to test a client against hostil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import secrets
@@ -1318,6 +1319,25 @@ class TinkerTestServer:
             raise _HTTPError(404, f"checkpoint {body.get('tinker_path')!r} not found")
         run = found[0]
         return 200, {"base_model": run.base_model, "is_lora": True, "lora_rank": run.rank}
+
+
+@contextlib.contextmanager
+def service_client(server: TinkerTestServer, api_key: str | None = None):
+    """A tinker.ServiceClient of `server`, whose session is finished while the server is still
+    up: otherwise its heartbeats outlive the server, and the SDK warns of them for as long as
+    the test process lives. Closing runs in a helper thread, bounded: a test may leave the
+    session's creation hung."""
+    import tinker
+
+    sc = tinker.ServiceClient(base_url=server.base_url, api_key=api_key or server.api_key)
+    try:
+        yield sc
+    finally:
+        server.clear_faults()
+        if server.running:
+            closing = threading.Thread(target=lambda: sc.close("success").result(timeout=5), daemon=True)
+            closing.start()
+            closing.join(timeout=6)
 
 
 def _tensor_len(t: pb.Tensor) -> int:
