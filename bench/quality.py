@@ -3,6 +3,11 @@ PEFT trained on the same token ids, loss masks and settings, for several seeds, 
 demo and on a larger Alpaca-shaped set (data/sample/alpaca_tasks.jsonl); with each run's trained
 tokens per second and peak resident memory.
 
+A control shows where a difference comes from: on the first seed, TRL also trains on the
+pipeline's very draws (its batches, in order, and its initial LoRA weights). With nothing random
+left to differ, the two held-out losses agree to float error if the recipes are the same; the
+seeds' runs then differ by their draws only.
+
 Every adapter is scored by bench/heldout_loss.py, which shares no code with either trainer.
 Each training run is a child process of its own, so that its peak memory is its own; the
 pipeline and TRL take turns going first, so that the machine's load falls on both alike. TRL's
@@ -102,7 +107,10 @@ def trl_config(out: str, seed: int, steps: int):
     return config, overridden
 
 
-def train_trl(train_tokens: Path, base: str, seed: int, steps: int, out: Path) -> dict:
+def train_trl(train_tokens: Path, base: str, seed: int, steps: int, out: Path, draws: Path | None = None) -> dict:
+    """TRL's own run; or, given the pipeline's `draws` for this seed (draws.json: its batches
+    in order and its initial LoRA weights), TRL trained on exactly those: then nothing random
+    differs, and any difference in held-out loss is a difference of recipe."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -111,6 +119,11 @@ def train_trl(train_tokens: Path, base: str, seed: int, steps: int, out: Path) -
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     args, _ = trl_config(str(out), seed, steps)
+    rows = read_tokens(train_tokens)
+    if draws:
+        drawn = json.loads(draws.read_text())
+        rows = [rows[i] for batch in drawn["batches"] for i in batch]
+        args.train_sampling_strategy = "sequential"  # the rows are in the pipeline's batch order
     tokenizer = AutoTokenizer.from_pretrained(base)
     set_seed(seed)  # before the LoRA's initialisation, which the trainer does
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -132,9 +145,15 @@ def train_trl(train_tokens: Path, base: str, seed: int, steps: int, out: Path) -
             clock["end"] = time.perf_counter(), time.process_time()
     lora = LoraConfig(r=SETTINGS["rank"], lora_alpha=SETTINGS["lora_alpha"], lora_dropout=SETTINGS["lora_dropout"],
                       target_modules=SETTINGS["target_modules"], task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(read_tokens(train_tokens)),
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=lora, data_collator=counting,
                          callbacks=[Clock()])
+    if draws:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        loaded = set_peft_model_state_dict(trainer.model, load_file(str(Path(drawn["initial"]) / "adapter_model.safetensors")))
+        assert not loaded.unexpected_keys, loaded.unexpected_keys
     trainer.train()
     trainer.model.save_pretrained(str(out / "adapter"))
     used = batches[:steps]  # the trainer fetches one batch ahead of the last step
@@ -159,6 +178,11 @@ def train_pipeline(train_chat: Path, seed: int, steps: int, out: Path, summed=Fa
     if grouped:
         recipe.epoch_batches = grouped_batches([d.model_input.length for d in run.examples])
     batches = [run.batch(n) for n in range(1, steps + 1)]
+    # What this seed drew, for the TRL run on the same draws: the batches (as indices of the
+    # examples, which are in the token file's order) and the initial LoRA weights.
+    (out / "draws.json").write_text(json.dumps({
+        "batches": [run.batch_indices(n) for n in range(1, steps + 1)],
+        "initial": run.engine.save_weights_for_sampler("initial").result()}))
     start, cpu = time.perf_counter(), time.process_time()
     for n in range(1, steps + 1):
         run.step(n)
@@ -179,18 +203,19 @@ def child(a) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
-    if a.child == "trl":
-        result = train_trl(Path(a.tokens), a.base, a.seed, a.steps, out)
+    if a.child in ("trl", "trl_same_draws"):
+        result = train_trl(Path(a.tokens), a.base, a.seed, a.steps, out, a.draws and Path(a.draws))
     else:
         result = train_pipeline(Path(a.chat), a.seed, a.steps, out, **{c: True for c in ABLATION.get(a.child, [])})
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
 
-def run_child(trainer: str, data: dict, seed: int, steps: int, threads: int | None, out: Path) -> dict:
+def run_child(trainer: str, data: dict, seed: int, steps: int, threads: int | None, out: Path,
+              draws: Path | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", trainer, "--chat", str(data["chat"]), "--tokens",
            str(data["tokens"]), "--base", data["base"], "--seed", str(seed), "--steps", str(steps),
-           "--out", str(out)] + (["--threads", str(threads)] if threads else [])
+           "--out", str(out)] + (["--threads", str(threads)] if threads else []) + (["--draws", str(draws)] if draws else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{trainer} seed {seed} failed:\n{done.stderr[-3000:]}")
@@ -227,13 +252,19 @@ def measure(name: str, trainers: list[str], seeds: list[int], steps: int, thread
         for trainer in turn:
             r = run_child(trainer, data, seed, steps, threads, tmp / f"{name}-{trainer}-{seed}")
             loss = heldout_loss(data["base"], r["adapter"], val)
-            runs.append({"trainer": trainer, "seed": seed, "heldout_loss": round(loss["loss"], 4),
+            runs.append({"trainer": trainer, "seed": seed, "heldout_loss": round(loss["loss"], 6),
                          "trained_tokens": r["trained_tokens"], "train_s": round(r["train_s"], 1),
                          "trained_tokens_per_s": round(r["trained_tokens"] / r["train_s"], 1),
                          "trained_tokens_per_cpu_s": round(r["trained_tokens"] / r["cpu_s"], 1),
                          "padding": round(r["padding"], 3), "peak_rss_mib": round(r["peak_rss_mib"]),
                          "load_avg_1min": round(os.getloadavg()[0], 1)})
             print(json.dumps({"dataset": name, **runs[-1]}), flush=True)
+    # The control: TRL on the first seed's very draws (the pipeline's batches and initial LoRA).
+    seed = seeds[0]
+    same = run_child("trl_same_draws", data, seed, steps, threads, tmp / f"{name}-trl_same_draws-{seed}",
+                     draws=tmp / f"{name}-pipeline-{seed}" / "draws.json")
+    pipeline = next(r["heldout_loss"] for r in runs if r["trainer"] == "pipeline" and r["seed"] == seed)
+    same_loss = heldout_loss(data["base"], same["adapter"], val)["loss"]
     by = {t: [r for r in runs if r["trainer"] == t] for t in trainers}
     loss = {t: round(mean(r["heldout_loss"] for r in rs), 4) for t, rs in by.items()}
     speed = {t: round(mean(r["trained_tokens_per_s"] for r in rs), 1) for t, rs in by.items()}
@@ -243,6 +274,7 @@ def measure(name: str, trainers: list[str], seeds: list[int], steps: int, thread
         "train_examples": data["train_examples"], "heldout_examples": data["val_examples"],
         "heldout_trained_tokens": base["tokens"], "base_model_heldout_loss": round(base["loss"], 4),
         "heldout_loss_mean": loss,
+        "heldout_loss_sd": {t: round(float(np.std([r["heldout_loss"] for r in rs], ddof=1)), 4) for t, rs in by.items()},
         "heldout_loss_ratio_pipeline_over_trl": round(loss["pipeline"] / loss["trl"], 3),
         "trained_tokens_per_s_mean": speed,
         "tokens_per_s_ratio_pipeline_over_trl": round(speed["pipeline"] / speed["trl"], 3),
@@ -250,6 +282,8 @@ def measure(name: str, trainers: list[str], seeds: list[int], steps: int, thread
         "tokens_per_cpu_s_ratio_pipeline_over_trl": round(per_cpu_s["pipeline"] / per_cpu_s["trl"], 3),
         "peak_rss_mib_max": {t: max(r["peak_rss_mib"] for r in rs) for t, rs in by.items()},
         "padding_mean": {t: round(mean(r["padding"] for r in rs), 3) for t, rs in by.items()},
+        "same_draws": {"seed": seed, "pipeline": pipeline, "trl": round(same_loss, 6),
+                       "heldout_loss_ratio_pipeline_over_trl": round(pipeline / same_loss, 4)},
         "runs": runs,
     }
 
@@ -261,7 +295,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=SETTINGS["steps"])
     ap.add_argument("--ablation", action="store_true")
     ap.add_argument("--threads", type=int, help="torch threads in each training run (default: torch's)")
-    for hidden in ("--child", "--chat", "--tokens", "--base", "--out"):
+    for hidden in ("--child", "--chat", "--tokens", "--base", "--out", "--draws"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -280,6 +314,8 @@ def main() -> None:
         "trl_defaults_overridden": overridden,
         "same_inputs": "both trainers get the token ids and loss masks the pipeline's renderer makes; TRL "
                        "gets them pre-tokenized (input_ids, labels -100 outside the trained tokens)",
+        "same_draws": "the control: TRL trained on the first seed's batches, in the pipeline's order, from the "
+                      "pipeline's initial LoRA weights",
         "timed": "pipeline: its step loop; TRL: trainer.train() from on_train_begin to on_train_end; wall "
                  "time, and the process's CPU time (steadier on a shared machine)",
         **({"ablation": {k: [CHANGES[c] for c in v] for k, v in ABLATION.items()}} if a.ablation else {}),

@@ -282,12 +282,15 @@ class TrainingRun:
         """After open(): the summary of a run that already trained to the end (see trained_before)."""
         return self.trained_before() if self.first_step > self.total_steps else None
 
-    def batch(self, step: int) -> list[types.Datum]:
-        """The examples of 1-based `step`, a function of the data, the seed and the step."""
+    def batch_indices(self, step: int) -> list[int]:
+        """Which examples 1-based `step` trains on: a function of the data, the seed and the step."""
         epoch, i = divmod(step - 1, self.steps_per_epoch)
         if self._epoch is None or self._epoch[0] != epoch:
             self._epoch = (epoch, epoch_batches(len(self.examples), self.settings.batch, self.settings.seed, epoch))
-        return [self.examples[j] for j in self._epoch[1][i]]
+        return self._epoch[1][i]
+
+    def batch(self, step: int) -> list[types.Datum]:
+        return [self.examples[j] for j in self.batch_indices(step)]
 
     def learning_rate(self, step: int) -> float:
         return learning_rate(self.settings.learning_rate, step, self.total_steps)
