@@ -73,6 +73,8 @@ class _Progress(StoppingCriteria):
         self.width, self.stop_tokens, self.report = width, stop_tokens, report
 
     def __call__(self, input_ids, scores, **kwargs):
+        # Read back at every position: on a GPU that waits for the device, but transformers'
+        # sampling loop already waits there once a step (it asks whether any row is unfinished).
         ended, lengths = _until_stop(input_ids[:, self.width:], self.stop_tokens)
         self.report(int(ended.sum()), int(lengths.sum()), input_ids.shape[1] - self.width)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
