@@ -141,6 +141,7 @@ import json
 import math
 import secrets
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -336,6 +337,12 @@ class _Server(ThreadingHTTPServer):
         with self._conns_lock:
             self._conns.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[override]
+        # A client that exits with a kept-alive connection open resets it: that is how clients
+        # leave, not an error of the server's, so it prints no traceback.
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
     def drop_all_connections(self) -> None:
         with self._conns_lock:
