@@ -45,7 +45,7 @@ def plain_generate(adapter: str, prompts: list, s: SampleSettings) -> int:
     tokenizer = load_tokenizer(SMOLLM2)
     model = PeftModel.from_pretrained(load_model(SMOLLM2), adapter).eval()
     tokenizer.padding_side = "left"
-    batch = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, padding=True,
+    batch = tokenizer.apply_chat_template([p["messages"] for p in prompts], add_generation_prompt=True, padding=True,
                                           return_tensors="pt", return_dict=True)
     kwargs = dict(max_new_tokens=s.max_tokens, do_sample=True, temperature=s.temperature, top_p=1.0, top_k=0,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

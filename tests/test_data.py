@@ -196,8 +196,8 @@ def test_held_out_conversations_become_test_prompts(tmp_path):
 
     convo = msgs(("system", "S"), ("user", "Hi"), ("assistant", "Arr!"), ("user", "More?"), ("assistant", "Aye."))
     src = write_jsonl(tmp_path / "val.jsonl", [convo, GOOD])
-    assert load_prompts(str(src)) == [convo["messages"][:-1], GOOD["messages"][:1]]
-    assert load_prompts(str(src), limit=1) == [convo["messages"][:-1]]
+    assert load_prompts(str(src)) == [{"messages": convo["messages"][:-1]}, {"messages": GOOD["messages"][:1]}]
+    assert load_prompts(str(src), limit=1) == [{"messages": convo["messages"][:-1]}]
 
 
 # -- tool calls ---------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ def run(tmp_path_factory):
 
 def greedy_answers(model, tokenizer, prompts):
     answers = []
-    for messages in prompts:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+    for prompt in prompts:  # conversations without tools, as load_prompts gives them
+        ids = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True, return_tensors="pt",
                                             return_dict=False)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
