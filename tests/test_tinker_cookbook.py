@@ -29,11 +29,26 @@ def local_tokenizer():
     tokenizer_utils.unregister_tokenizer(SMOLLM2)
 
 
+@pytest.fixture
+def stop_its_heartbeats():
+    """The cookbook's loop never closes its ServiceClient, so its sessions' heartbeats would go
+    on in this test process after the server is gone (and the SDK warns of each for as long as
+    the process lives). Afterwards, every Tinker client left open here stops them."""
+    yield
+    import gc
+
+    from tinker.lib.internal_client_holder import InternalClientHolder
+
+    for holder in [o for o in gc.get_objects() if isinstance(o, InternalClientHolder)]:
+        holder.close()
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_cookbook_supervised_loop_trains_evaluates_saves_and_resumes(tmp_path, monkeypatch, local_tokenizer):
+def test_cookbook_supervised_loop_trains_evaluates_saves_and_resumes(tmp_path, monkeypatch, local_tokenizer,
+                                                                   stop_its_heartbeats):
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[:12]))
     log_path = tmp_path / "log"
