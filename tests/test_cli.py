@@ -76,20 +76,6 @@ def test_train_then_test_give_the_workflows_layout(tmp_path, small_data):
         assert row["lora_response"] and row["base_response"]
         assert 0 < row["lora_tokens"] <= 20 and row["lora_stop_reason"] in ("stop", "length")
 
-    # A chat JSONL's tools are offered with its prompt, as in training.
-    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
-    turns = [{"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": "Sunny."}]
-    (tmp_path / "prompts.jsonl").write_text(json.dumps({"messages": turns, "tools": [tool]}) + "\n"
-                                            + json.dumps({"messages": turns}) + "\n")
-    r = cli("test", "--lora-weights", run / "final_lora_weights", "--test-prompts", "prompts.jsonl",
-            "--max-tokens", 2, "--output", "tools.json", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    with_tools, without = json.loads((tmp_path / "tools.json").read_text())["results"]
-    assert with_tools["prompt"] == without["prompt"] == turns[:1]
-    assert with_tools["tools"] == [tool] and "tools" not in without
-    assert with_tools["prompt_tokens"] > without["prompt_tokens"] + 20  # the tool's description is in the prompt
-
 
 def test_test_rejects_a_folder_that_is_not_an_adapter(tmp_path):
     r = cli("test", "--lora-weights", tmp_path, "--output", "x.json", cwd=tmp_path)

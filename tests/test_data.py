@@ -195,8 +195,10 @@ def test_held_out_conversations_become_test_prompts(tmp_path):
     from lora_pipeline.evaluate import load_prompts
 
     convo = msgs(("system", "S"), ("user", "Hi"), ("assistant", "Arr!"), ("user", "More?"), ("assistant", "Aye."))
-    src = write_jsonl(tmp_path / "val.jsonl", [convo, GOOD])
-    assert load_prompts(str(src)) == [{"messages": convo["messages"][:-1]}, {"messages": GOOD["messages"][:1]}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    src = write_jsonl(tmp_path / "val.jsonl", [convo, GOOD, {**GOOD, "tools": tools}])
+    assert load_prompts(str(src)) == [{"messages": convo["messages"][:-1]}, {"messages": GOOD["messages"][:1]},
+                                      {"messages": GOOD["messages"][:1], "tools": tools}]  # offered, as in training
     assert load_prompts(str(src), limit=1) == [{"messages": convo["messages"][:-1]}]
 
 

@@ -63,9 +63,16 @@ def test_report_html_shows_the_run_as_logged(tmp_path, small_data):
                                   learning_rate=5e-4, output_dir=str(tmp_path / "runs"), backend="local",
                                   run_name="r")).open()
     summary = train(run)
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
     prompts = [{"messages": [{"role": "user", "content": "What is 2 < 3 & why?"}]},
-               {"messages": [{"role": "user", "content": "Hello!"}]}]
+               {"messages": [{"role": "user", "content": "Hello!"}]},
+               {"messages": [{"role": "user", "content": "Hello!"}], "tools": [tool]}]
     results = compare(summary.final_lora_weights, prompts, SampleSettings(compare_base=True, max_tokens=8))
+    # A prompt's tools are offered with it, as in training: its rendered prompt lists them.
+    plain, offered = results["results"][1:]
+    assert offered["tools"] == [tool] and "tools" not in plain
+    assert offered["prompt_tokens"] > plain["prompt_tokens"] + 20
     report = write_report(summary, results)
 
     run_dir = tmp_path / "runs" / "r"
