@@ -156,6 +156,7 @@ from collections.abc import Callable
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import numpy as np
+import tinker
 from tinker.proto import tinker_public_pb2 as pb
 from tinker.types import LossFnType
 
@@ -1329,14 +1330,12 @@ class TinkerTestServer:
 
 
 @contextlib.contextmanager
-def service_client(server: TinkerTestServer, api_key: str | None = None):
+def service_client(server: TinkerTestServer):
     """A tinker.ServiceClient of `server`, whose session is finished while the server is still
     up: otherwise its heartbeats outlive the server, and the SDK warns of them for as long as
     the test process lives. Closing runs in a helper thread, bounded: a test may leave the
     session's creation hung."""
-    import tinker
-
-    sc = tinker.ServiceClient(base_url=server.base_url, api_key=api_key or server.api_key)
+    sc = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
     try:
         yield sc
     finally:
