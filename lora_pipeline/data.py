@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -21,9 +22,66 @@ def umask_mode(mode: int) -> int:
     return mode & ~current
 
 
+# A UTF-8 byte order mark: editors on Windows start text files with it. It is not text.
+BOM = b"\xef\xbb\xbf"
+
+
+def _kind(mode: int) -> str:
+    return ("a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+
+
+def check_input_file(path: str | Path, flag: str, *, folder_ok: bool = False, empty_ok: bool = False) -> Path:
+    """`path` if it is a regular file (or, with `folder_ok`, a folder), checked before anything
+    reads or hashes it: a device such as /dev/zero or a FIFO would never end, or never start.
+    Links are followed, as a read would follow them."""
+    path = Path(path).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise PipelineError(f"{flag} {path}: file not found") from None
+    except OSError as e:
+        raise PipelineError(f"{flag} {path}: cannot be read ({e.strerror}); check the path") from None
+    if stat.S_ISDIR(mode) and folder_ok:
+        return path
+    if not stat.S_ISREG(mode):
+        raise PipelineError(f"{flag} {path}: is {_kind(mode)}, not a regular file; give a file")
+    if not empty_ok and path.stat().st_size == 0:
+        raise PipelineError(f"{flag} {path}: the file is empty")
+    return path
+
+
+def check_output_file(path: str | Path, flag: str, inputs: list[str | Path] = (), what: str = "") -> None:
+    """Refuse to write `path` (`what` of `flag`: "its held-out split") where something other
+    than a regular file is (a folder, a device, a FIFO: the atomic rename would replace it), or
+    where one of `inputs` is (the data it is made from would be lost). Checked before anything
+    is read, so nothing is half-done."""
+    path = Path(path).expanduser()
+    named = f"{flag} {path}" if not what else f"{flag} ({what}) {path}"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise PipelineError(f"{named}: cannot be written ({e.strerror}); choose another {flag}") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise PipelineError(f"{named}: is {_kind(mode)}; give the path of a new or regular file with {flag}")
+    for source in inputs:
+        if mode is not None and os.path.exists(source) and os.path.samefile(path, source):
+            raise PipelineError(f"{named}: is the input {source}; writing it would lose the input. "
+                                f"Choose another {flag}")
+    if path.is_symlink():  # the rename would replace the link, not write where it points
+        raise PipelineError(f"{named}: is a symbolic link, which lora-pipeline does not write through; "
+                            f"give the path of a new or regular file with {flag}")
+
+
 def write_atomic(path: Path, content: str | bytes) -> None:
-    """Readers see the old file or the new one, never a partial write."""
+    """Readers see the old file or the new one, never a partial write. Only a regular file is
+    replaced: the rename would put a file in place of a device or a FIFO just the same."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise PipelineError(f"{path}: is {_kind(path.stat().st_mode)}, not a file lora-pipeline may replace")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -144,19 +202,20 @@ def problem(row) -> str | None:
     return None
 
 
-def read_chat_jsonl(path: Path) -> list[dict]:
-    """The rows (`{"messages": [...], "tools": [...]}`) of a prepared data file. Strict:
-    training data is expected to come out of `prepare`, so any bad line is an error that names
-    it."""
+def read_chat_jsonl(path: Path, flag: str = "--data") -> list[dict]:
+    """The rows (`{"messages": [...], "tools": [...]}`) of a prepared data file, given as
+    `flag`. Strict: training data is expected to come out of `prepare`, so any bad line is an
+    error that names it."""
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"--data {path}: file not found; create it with `lora-pipeline prepare`")
+    if not path.exists():
+        raise PipelineError(f"{flag} {path}: file not found; create it with `lora-pipeline prepare`")
+    check_input_file(path, flag, empty_ok=True)  # an empty file: said below, as one holding no rows
     conversations = []
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, encoding="utf-8-sig", errors="strict") as f:  # -sig: a BOM is not a line's text
         try:
             lines = list(f)
         except UnicodeDecodeError as e:
-            raise PipelineError(f"--data {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise PipelineError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -172,5 +231,5 @@ def read_chat_jsonl(path: Path) -> list[dict]:
                                 "`lora-pipeline prepare`")
         conversations.append(row)
     if not conversations:
-        raise PipelineError(f"--data {path}: the file holds no conversations")
+        raise PipelineError(f"{flag} {path}: the file holds no conversations")
     return conversations

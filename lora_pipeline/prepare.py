@@ -9,7 +9,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from .data import ROLES, held_out_path, problem, slug, write_atomic, write_json
+from .data import BOM, ROLES, check_input_file, check_output_file, held_out_path, problem, slug, write_atomic, write_json
 from .errors import PipelineError
 from .settings import FORMATS, PrepareSettings
 
@@ -142,8 +142,14 @@ def _conversation(row: dict, fmt: str, columns: dict) -> dict:
 
 
 def _local_files(path: Path) -> list[Path]:
+    """The data files of a local --dataset, each checked to be a regular file before it is read
+    or hashed (a FIFO or a link to /dev/zero in the folder would hang both)."""
+    check_input_file(path, "--dataset", folder_ok=True, empty_ok=True)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS and not p.name.startswith("."))
+        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS and not p.name.startswith(".")
+                       and not p.is_dir())
+        for f in files:
+            check_input_file(f, "--dataset", empty_ok=True)
         if not files:
             raise PipelineError(f"{path}: no {'/'.join(LOCAL_FORMATS)} files in this folder")
         if len({LOCAL_FORMATS[f.suffix] for f in files}) > 1:
@@ -167,8 +173,11 @@ def _parse(raw: bytes) -> tuple[object, str | None]:
 
 def _jsonl_rows(path: Path):
     """(where, row or None, reason): read by line, so a bad line is reported, not fatal. A line
-    over MAX_ROW_BYTES is skipped in blocks, never held in memory whole."""
+    over MAX_ROW_BYTES is skipped in blocks, never held in memory whole. A BOM before the first
+    line is not part of it."""
     with open(path, "rb") as f:
+        if f.read(len(BOM)) != BOM:
+            f.seek(0)
         n = 0
         while raw := f.readline(MAX_ROW_BYTES + 1):
             n += 1
@@ -185,11 +194,11 @@ def _jsonl_rows(path: Path):
 def _json_rows(path: Path):
     """A .json file: an array of rows (read whole, as `datasets` would), or JSON Lines."""
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
+        head = f.read(4096).removeprefix(BOM).lstrip()
     if not head.startswith(b"["):
         yield from _jsonl_rows(path)
         return
-    rows, reason = _parse(path.read_bytes())
+    rows, reason = _parse(path.read_bytes().removeprefix(BOM))
     if reason:
         raise PipelineError(f"--dataset {path}: {reason.replace('line', 'JSON array')}; fix the file or "
                             "write it as JSON Lines (.jsonl), where a bad line is only dropped")
@@ -248,6 +257,29 @@ def _sample(rows, max_examples: int | None, first: bool, seed: int):
     yield from (row for _, row in sorted(kept, key=lambda x: x[0]))
 
 
+def local_inputs(dataset: str) -> list[Path]:
+    """The local files a --dataset names, checked to be regular files (none for a hub id)."""
+    path = Path(dataset).expanduser()
+    if not path.exists() and not path.is_symlink():
+        return []
+    if path.is_dir() and ((path / "data").is_dir() or (path / "README.md").exists()):  # a hub layout
+        return [p for p in path.rglob("*") if p.is_file()]
+    return _local_files(path)
+
+
+def check_paths(dataset: str, output: str | Path | None) -> None:
+    """Before anything is read: the input is what it should be (regular files, or a folder of
+    them), and the files prepare writes (the output, its held-out split, its report) are neither
+    the input nor anything but regular files."""
+    inputs = local_inputs(dataset)
+    if not output:
+        return
+    output = Path(output)
+    for path, what in ((output, ""), (held_out_path(output), "its held-out split"),
+                       (output.with_name(output.name + ".report.json"), "its report")):
+        check_output_file(path, "--output", inputs, what)
+
+
 def _quantiles(values: list[int]) -> dict:
     if not values:
         return {}
@@ -275,6 +307,7 @@ def prepare(dataset: str, split: str, output: Path, max_examples: int | None = N
         raise PipelineError("--format columns needs --prompt-column and --response-column")
     if not 0 <= val_fraction < 1:
         raise PipelineError("--val-fraction must be at least 0 and below 1")
+    check_paths(dataset, output)
     output = Path(output)
     renderer = None
     if max_length:

@@ -147,6 +147,15 @@ class PrepareSettings(Checked, BaseModelChoice, Seeded, LengthLimit):
     system_column: str | None = setting(None, "with --format columns: an optional system prompt column")
     strict: bool = setting(False, "fail on the first bad row instead of dropping it")
 
+    def check(self) -> None:
+        """The numbers and choices, and then the paths: a local input that is not a regular file
+        (a device, a FIFO) would hang the first read or hash of it, and an output that is the
+        input, or a device, would lose it. (A pipeline checks before its output is known: "".)"""
+        super().check()
+        from .prepare import check_paths
+
+        check_paths(self.dataset, self.output)
+
 
 @dataclass(kw_only=True)
 class TrainSettings(Checked, BaseModelChoice, Seeded, LengthLimit, Placement, Deadline):

@@ -124,3 +124,29 @@ def test_a_temporary_server_that_cannot_start_is_one_line_of_what_to_do(tmp_path
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr
     assert "temporary Prefect server: not ready after 0.001 s" in r.stderr
     assert "make server" in r.stderr and "PREFECT_API_URL=http://127.0.0.1:4200/api" in r.stderr
+
+
+@pytest.mark.parametrize("dataset, output, message", [
+    ("mine.jsonl", "mine.jsonl", "--output mine.jsonl: is the input mine.jsonl; writing it would lose the input"),
+    ("mine.val.jsonl", "mine.jsonl", "--output (its held-out split) mine.val.jsonl: is the input"),
+    ("mine.jsonl", "folder", "--output folder: is a folder; give the path of a new or regular file"),
+    ("/dev/zero", "out.jsonl", "--dataset /dev/zero: is a device, not a regular file"),
+    ("zero.jsonl", "out.jsonl", "--dataset zero.jsonl: is a device, not a regular file"),
+    ("pipe.jsonl", "out.jsonl", "--dataset pipe.jsonl: is a named pipe (FIFO), not a regular file"),
+    ("folder", "out.jsonl", "--dataset folder/part.jsonl: is a named pipe (FIFO), not a regular file"),
+])
+def test_prepare_refuses_inputs_that_hang_and_outputs_that_lose_data(tmp_path, dataset, output, message):
+    """Before the fix these overwrote the input, or read /dev/zero (hashing it for the cache) forever."""
+    good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr!"}]}\n'
+    for name in ("mine.jsonl", "mine.val.jsonl"):
+        (tmp_path / name).write_text(good * 3)
+    (tmp_path / "zero.jsonl").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "folder" / "part.jsonl")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = cli("prepare", "--dataset", dataset, "--output", output, cwd=tmp_path, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "mine.jsonl").read_text() == good * 3

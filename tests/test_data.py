@@ -338,3 +338,81 @@ def test_a_json_array_file_is_read_row_by_row(tmp_path):
     (tmp_path / "cut.json").write_text(json.dumps([GOOD, GOOD])[:-5])
     with pytest.raises(PipelineError, match=r"cut.json: unparseable JSON array; fix the file or write it as JSON Lines"):
         prepare(str(tmp_path / "cut.json"), "train", tmp_path / "out.jsonl")
+
+
+# -- inputs that are not what they seem, outputs that would lose something ---------------------
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path):
+    rows = [good(0), BAD_ROWS["no known chat shape"], good(1), good(2)]
+    src = write_jsonl(tmp_path / "mine.jsonl", rows)
+    before = src.read_bytes()
+    val = write_jsonl(tmp_path / "mine.val.jsonl", rows)  # the held-out split of --output mine.jsonl
+    (tmp_path / "folder").mkdir()
+    inside = write_jsonl(tmp_path / "folder" / "part.jsonl", rows)
+    (tmp_path / "link.jsonl").symlink_to(src)
+    for dataset, output in [(src, src), (src, tmp_path / "link.jsonl"), (val, src),
+                            (tmp_path / "folder", inside)]:
+        with pytest.raises(PipelineError, match=r"--output .*is the input .*writing it would lose the input"):
+            prepare(str(dataset), "train", output)
+    assert src.read_bytes() == before == val.read_bytes() == inside.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "device", "link to a device"])
+def test_an_output_that_is_not_a_regular_file_is_refused(tmp_path, kind):
+    import os
+    import stat
+
+    src = write_jsonl(tmp_path / "in.jsonl", [good(0), good(1)])
+    out = tmp_path / "out.jsonl"
+    if kind == "folder":
+        out.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(out)
+    elif kind == "device":  # a copy of /dev/null: the rename would have replaced it by a file
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(out, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    else:
+        out.symlink_to("/dev/null")
+    mode = os.lstat(out).st_mode
+    with pytest.raises(PipelineError, match=r"--output .*out.jsonl: is (a folder|a device|a named pipe)"):
+        prepare(str(src), "train", out, val_fraction=0)
+    assert os.lstat(out).st_mode == mode and sorted(tmp_path.iterdir()) == sorted([src, out])
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "link to a device", "fifo in a folder"])
+def test_an_input_that_is_not_a_regular_file_is_refused_before_it_is_read(tmp_path, kind):
+    """/dev/zero would be read (and hashed, by the cache) forever; a FIFO would block the open."""
+    import os
+
+    from lora_pipeline.settings import PrepareSettings
+
+    dataset = {"device": "/dev/zero", "fifo": tmp_path / "pipe.jsonl", "link to a device": tmp_path / "zero.jsonl",
+               "fifo in a folder": tmp_path / "folder"}[kind]
+    if kind == "fifo":
+        os.mkfifo(dataset)
+    elif kind == "link to a device":
+        dataset.symlink_to("/dev/zero")
+    elif kind == "fifo in a folder":
+        dataset.mkdir()
+        write_jsonl(dataset / "a.jsonl", [GOOD])
+        os.mkfifo(dataset / "b.jsonl")
+    settings = PrepareSettings(dataset=str(dataset), output=str(tmp_path / "out.jsonl"))
+    with pytest.raises(PipelineError, match=r"--dataset .*: is (a device|a named pipe \(FIFO\)), not a regular file"):
+        settings.check()
+    with pytest.raises(PipelineError, match="not a regular file"):
+        prepare(str(dataset), "train", tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    from lora_pipeline.data import BOM
+
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(BOM + b"".join((json.dumps(good(i)) + "\n").encode() for i in range(3)))
+    report = prepare(str(src), "train", tmp_path / "out.jsonl", val_fraction=0)
+    assert report["kept"] == 3 and report["dropped"] == {}
+    array = tmp_path / "bom.json"
+    array.write_bytes(BOM + json.dumps([good(i) for i in range(10)], indent=1).encode())
+    report = prepare(str(array), "train", tmp_path / "out.jsonl", val_fraction=0)
+    assert report["rows_read"] == report["kept"] == 10
+    assert len(read_chat_jsonl(src)) == 3  # training reads a prepared file saved with a BOM alike
