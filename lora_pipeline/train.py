@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tinker import types
 
-from .data import file_sha256, folder_sha256, held_out_beside, read_chat_jsonl, slug
+from .data import check_input_file, file_sha256, folder_sha256, held_out_beside, read_chat_jsonl, slug
 from .engines import EngineTimeout, check_base_model, choose_backend, default_base_model, make_engine
 from .errors import PipelineError
 from .export import export_run_weights
@@ -23,9 +23,13 @@ from .render import render_conversations
 from .run_folder import FINAL, FORMAT, STATE, CheckpointRecord, RunFolder, RunSummary, checkpoint_name
 from .settings import TrainSettings, resume_keys
 
-# What must match for a run folder to be continued: the data and the settings that shape the
-# steps (marked in settings.py). Where checkpoints go, how often, and timeouts may change.
-RESUME_KEYS = ("data_sha256", *resume_keys(TrainSettings))
+# What must match for a run folder to be continued: the data, the held-out data (its losses are
+# compared across the run: two held-out sets in one validation log would compare nothing) and
+# the settings that shape the steps (marked in settings.py). Where checkpoints go, how often,
+# and timeouts may change.
+RESUME_KEYS = ("data_sha256", "val_data_sha256", *resume_keys(TrainSettings))
+# How a changed key is named to the user, where its name alone would not say.
+KEY_NAMES = {"data_sha256": "the content of --data", "val_data_sha256": "the held-out data (--val-data)"}
 
 
 def run_folder_name(config: dict) -> str:
@@ -104,12 +108,16 @@ class TrainingRun:
         """What config.json records: every setting (less start_over), the data's hash and what
         was resolved (backend, base model, held-out file, run folder)."""
         s = self.settings
-        if not Path(s.data).is_file():
+        if not Path(s.data).exists():
             read_chat_jsonl(Path(s.data))  # says what is wrong and what to do
+        check_input_file(s.data, "--data", empty_ok=True)  # before it is hashed: /dev/zero never ends
         val_data = s.val_data or held_out_beside(s.data)
+        if val_data:
+            check_input_file(val_data, "--val-data", empty_ok=True)
         # Paths absolute: the command that continues a run works from any folder.
         config = {**dataclasses.asdict(s), "format": FORMAT, "data": os.path.abspath(s.data),
                   "data_sha256": file_sha256(Path(s.data)), "val_data": val_data and os.path.abspath(val_data),
+                  "val_data_sha256": val_data and file_sha256(Path(val_data)),
                   "backend_requested": s.backend, "backend": self.backend, "base_model": self.base_model}
         del config["start_over"]
         # Absolute, but links not followed: a run folder that is a link is refused, not written through.
@@ -129,7 +137,7 @@ class TrainingRun:
         the training and held-out conversations."""
         conversations = read_chat_jsonl(Path(self.settings.data))
         val_data = self.config["val_data"]
-        val_conversations = read_chat_jsonl(Path(val_data)) if val_data else []
+        val_conversations = read_chat_jsonl(Path(val_data), "--val-data") if val_data else []
         check_base_model(self.backend, self.base_model)
         if self.backend == "local":
             resolve_device(self.settings.device)  # --device cuda without a GPU fails here
@@ -197,7 +205,8 @@ class TrainingRun:
             raise PipelineError(f"{self.run_dir} was made by another version of lora-pipeline (format "
                                 f"{old.get('format', 'none')}, this one writes {FORMAT}) and cannot be "
                                 f"continued. {again}")
-        changed = [f"{k} {old.get(k)!r} -> {config[k]!r}" for k in RESUME_KEYS if old.get(k) != config[k]]
+        changed = [f"{KEY_NAMES[k]} changed" if k in KEY_NAMES else f"{k} {old.get(k)!r} -> {config[k]!r}"
+                   for k in RESUME_KEYS if old.get(k) != config[k]]
         if changed:
             raise PipelineError(f"{self.run_dir} was trained with other data or settings "
                                 f"({'; '.join(changed)}); continuing would mix two runs. {again}")

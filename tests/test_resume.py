@@ -109,8 +109,13 @@ def test_other_data_or_settings_are_refused_unless_starting_over(tmp_path, clean
         TrainingRun(config(data, clean.parent, "clean", learning_rate=1e-3)).open()
     changed = tmp_path / "data.jsonl"
     changed.write_bytes(data.read_bytes().replace(b"Arr!", b"Arr?", 1))  # one byte
-    with pytest.raises(PipelineError, match="data_sha256"):
+    with pytest.raises(PipelineError, match="the content of --data changed"):
         TrainingRun(config(changed, clean.parent, "clean")).open()
+    # Held-out data shapes the results too: losses on two held-out sets in one log compare nothing.
+    other_val = tmp_path / "other.val.jsonl"
+    other_val.write_bytes(b"".join(data.read_bytes().splitlines(keepends=True)[:4]))
+    with pytest.raises(PipelineError, match=r"the held-out data \(--val-data\) changed.*--start-over"):
+        TrainingRun(config(data, clean.parent, "clean", val_data=str(other_val))).open()
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text(json.dumps({"format": 1, "batch": 4}))  # an older version's
     with pytest.raises(PipelineError, match="another version of lora-pipeline"):
