@@ -64,7 +64,7 @@ def plain_generate(adapter: str, prompts: list, s: SampleSettings) -> int:
 
 
 def nightly_settings(adapter: str, repeats: int) -> dict:
-    prompts = load_prompts(str(PROMPTS), limit=100)
+    prompts = load_prompts(str(PROMPTS))[:100]
     runs = {"pipeline": lambda: sum(r["lora_tokens"] + r["base_tokens"]
                                     for r in compare(adapter, prompts, NIGHTLY)["results"]),
             "plain_generate": lambda: plain_generate(adapter, prompts, NIGHTLY)}

@@ -193,10 +193,13 @@ def _run_flow(command: str, params: dict) -> None:
             print(f"{entry.name} (step {entry.step}): {entry.path}")
         print(f"Run folder: {s.run_dir}\nFinal LoRA weights: {s.final_lora_weights}\n{verdict(s)}")
     elif command == "test":
-        print(f"Results: {Path(pipeline.test(**params))}")
+        results = Path(pipeline.test(**params))
+        _say_limit(results)
+        print(f"Results: {results}")
     elif command == "run":
         out = pipeline.lora_pipeline(**params)
         s = out["summary"]
+        _say_limit(Path(out["results"]))
         print(f"\n{verdict(s)}\nRun folder: {s.run_dir}\nAnswers: {out['results']}\nReport: {out['report']}")
     elif command == "sweep":
         from lora_pipeline.flows.sweep import lora_sweep
@@ -204,6 +207,17 @@ def _run_flow(command: str, params: dict) -> None:
         out = lora_sweep(**params)
         best = out["best"]
         print(f"\nBest: {best['configuration']}" if best else "", f"\nReport: {out['report']}")
+
+
+def _say_limit(results: Path) -> None:
+    """A --max-prompts limit that left prompts unanswered is said, never silent."""
+    import json
+
+    from lora_pipeline.evaluate import limit_note
+
+    note = limit_note(json.loads(results.read_text()))
+    if note:
+        print(note)
 
 
 if __name__ == "__main__":

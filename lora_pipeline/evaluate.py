@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tinker import types
 
-from .data import read_chat_jsonl, write_json
+from .data import check_input_file, read_chat_jsonl, write_json
 from .engines import INFO_FILE, make_engine
 from .errors import PipelineError
 from .settings import EvaluateSettings, SampleSettings
@@ -20,17 +20,19 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def load_prompts(path: str | None, limit: int = 16) -> list[dict]:
+def load_prompts(path: str | None) -> list[dict]:
     """Prompts as conversations, `{"messages": [...]}` (and `"tools": [...]` where the model is
     offered tools): from a JSON list of message lists, or of strings (user turns); or from a
     chat JSONL such as prepare's validation split, whose conversations up to their last answer
-    become the prompts (the first `limit`), each with its tools."""
+    become the prompts, each with its tools. All of them: a user's file is answered whole
+    (--max-prompts cuts it, and the results say so)."""
     if not path:
         return [{"messages": [{"role": "user", "content": p}]} for p in DEFAULT_PROMPTS]
     if str(path).endswith(".jsonl"):
-        return [{**row, "messages": row["messages"][:-1]} for row in read_chat_jsonl(Path(path))[:limit]]
+        return [{**row, "messages": row["messages"][:-1]} for row in read_chat_jsonl(Path(path), "--test-prompts")]
+    check_input_file(path, "--test-prompts")
     try:
-        items = json.loads(Path(path).read_text(encoding="utf-8"))
+        items = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # -sig: a leading BOM is not JSON
     except FileNotFoundError:
         raise PipelineError(f"--test-prompts {path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -114,6 +116,13 @@ def compare(lora_weights: str, prompts: list[dict], s: SampleSettings, progress=
     engine = make_engine(info["backend"], base_model, rank=info["rank"], seed=s.seed,
                          request_timeout=s.request_timeout, weights=info, device=s.device, dtype=s.dtype)
     inputs = [engine.renderer.build_generation_prompt(p["messages"], p.get("tools")) for p in prompts]
+    for i, prompt in enumerate(inputs, start=1):
+        if engine.context_length and prompt.length + s.max_tokens > engine.context_length:
+            engine.close()
+            raise PipelineError(
+                f"test prompt {i} of {len(inputs)} is {prompt.length} tokens: with --max-tokens {s.max_tokens} it "
+                f"does not fit {base_model}'s context of {engine.context_length} tokens, and an answer past it "
+                "would be noise. Shorten that prompt or lower --max-tokens")
     params = types.SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, seed=s.seed)
     try:
         answers = {who: _answer(engine, inputs, params, who, progress)
@@ -138,6 +147,17 @@ def compare(lora_weights: str, prompts: list[dict], s: SampleSettings, progress=
 def run_test(s: EvaluateSettings, progress=None) -> dict:
     """`lora-pipeline test`: answers written to `s.output`."""
     s.check()
-    result = compare(s.lora_weights, load_prompts(s.test_prompts), s, progress)
+    prompts = load_prompts(s.test_prompts)
+    result = compare(s.lora_weights, prompts[:s.max_prompts or None], s, progress)
+    result["prompts_given"] = len(prompts)  # more than answered only with --max-prompts, said by limit_note
     write_json(Path(s.output), result)
     return result
+
+
+def limit_note(result: dict) -> str | None:
+    """The line that says a --max-prompts limit left prompts unanswered, if it did."""
+    answered, given = len(result["results"]), result.get("prompts_given", len(result["results"]))
+    if answered < given:
+        return (f"Answered the first {answered} of {given} test prompts (--max-prompts {answered}); "
+                "--max-prompts 0 answers all")
+    return None

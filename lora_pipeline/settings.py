@@ -192,6 +192,7 @@ class SampleSettings(Checked, BaseModelChoice, Seeded, Placement, Deadline):
         None, "JSON list of strings or message lists, or a chat .jsonl (its prompts); `run` defaults to "
               "the held-out split's prompts")
     max_tokens: int = setting(150, "token limit per answer", min=1)
+    max_prompts: int = setting(0, "answer only the first N test prompts, and say so (0: all of them)", min=0)
     temperature: float = setting(0.7, "sampling temperature (0: greedy)", min=0)
     compare_base: bool = setting(False, "also answer with the base model, side by side")
 

@@ -199,7 +199,7 @@ def test_held_out_conversations_become_test_prompts(tmp_path):
     src = write_jsonl(tmp_path / "val.jsonl", [convo, GOOD, {**GOOD, "tools": tools}])
     assert load_prompts(str(src)) == [{"messages": convo["messages"][:-1]}, {"messages": GOOD["messages"][:1]},
                                       {"messages": GOOD["messages"][:1], "tools": tools}]  # offered, as in training
-    assert load_prompts(str(src), limit=1) == [{"messages": convo["messages"][:-1]}]
+    assert len(load_prompts(str(write_jsonl(tmp_path / "forty.jsonl", [good(i) for i in range(40)])))) == 40  # whole
 
 
 # -- tool calls ---------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ replaces only what lora-pipeline made, one process per run folder, commands writ
 user are quoted, and each file error gets the message that fits it."""
 
 import errno
+import json
 import os
 import shlex
 import subprocess
@@ -122,3 +123,45 @@ def test_each_file_error_gets_its_own_message(code, command, said):
     message = os_error_message(command, OSError(code, os.strerror(code), "/data/out.jsonl"))
     assert message.startswith("/data/out.jsonl: ") and said in message
     assert ("continue from the last checkpoint" in message) == (command in ("train", "run", "sweep"))
+
+
+# -- `test`: prompts answered whole, none past the model's context, adapters checked -----------
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny, tmp_path_factory):
+    """A fresh LoRA of the tiny model, saved as `train` saves final_lora_weights/."""
+    from lora_pipeline.engines.local import LocalEngine
+
+    root = tmp_path_factory.mktemp("adapter")
+    return LocalEngine(str(tiny), rank=4, seed=0, root=root, device="cpu").save_weights_for_sampler(
+        "final_lora_weights").result()
+
+
+def test_a_prompt_file_is_answered_whole_and_a_limit_is_said(tmp_path, tiny_adapter):
+    from lora_pipeline.evaluate import limit_note, run_test
+    from lora_pipeline.settings import EvaluateSettings
+
+    forty = tmp_path / "forty.jsonl"
+    forty.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                                      {"role": "assistant", "content": "Arr!"}]}) + "\n"
+                             for i in range(40)))
+    settings = dict(lora_weights=tiny_adapter, test_prompts=str(forty), max_tokens=2, device="cpu",
+                    output=str(tmp_path / "results.json"))
+    result = run_test(EvaluateSettings(**settings))
+    assert len(result["results"]) == 40 and limit_note(result) is None  # before: 16, without a word
+    result = run_test(EvaluateSettings(**settings, max_prompts=16))
+    assert len(result["results"]) == 16
+    assert limit_note(result) == ("Answered the first 16 of 40 test prompts (--max-prompts 16); "
+                                  "--max-prompts 0 answers all")
+
+
+def test_a_prompt_longer_than_the_models_context_is_refused(tmp_path, tiny_adapter):
+    from lora_pipeline.evaluate import run_test
+    from lora_pipeline.settings import EvaluateSettings
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["Hello!", "Arr matey " * 2000]))  # the tiny model's context: 2048 tokens
+    with pytest.raises(PipelineError, match=r"test prompt 2 of 2 is \d+ tokens: with --max-tokens 5 it does "
+                                            r"not fit .*'s context of 2048 tokens"):
+        run_test(EvaluateSettings(lora_weights=tiny_adapter, test_prompts=str(prompts), max_tokens=5, device="cpu",
+                                  output=str(tmp_path / "results.json")))
+    assert not (tmp_path / "results.json").exists()

@@ -32,6 +32,7 @@ class Engine(Protocol):
     tokenizer: Any
     renderer: Any  # turns chat messages into tokens and loss weights (lora_pipeline.render)
     stop_tokens: list[int]
+    context_length: int | None  # tokens a prompt and its answer may take together, where known
 
     def forward_backward(self, data: list[types.Datum], loss_fn: str = "cross_entropy") -> Result:
         """Adds the gradient of the summed weighted token NLL to the accumulated gradients;

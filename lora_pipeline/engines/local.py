@@ -109,6 +109,7 @@ class LocalEngine:
         self.stop_tokens = [t for t in self.renderer.get_stop_sequences() if isinstance(t, int)]
         base = load_model(base_model, str(self.dtype).removeprefix("torch."))
         base.generation_config = GenerationConfig()  # no sampling defaults carried from the hub
+        self.context_length = getattr(base.config, "max_position_embeddings", None)
         # The LoRA is made on the CPU and then moved, so that a seed gives the same initial
         # weights on every device.
         torch.manual_seed(seed)

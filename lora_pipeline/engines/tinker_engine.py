@@ -145,6 +145,9 @@ class TinkerEngine:
         self.tokenizer = load_tokenizer(base_model)
         self.renderer = renderer_for(base_model, self.tokenizer)
         self.stop_tokens = [t for t in self.renderer.get_stop_sequences() if isinstance(t, int)]
+        # The service does not say; the tokenizer's limit is the model's where it is set (it is
+        # a huge placeholder where it is not).
+        self.context_length = self.tokenizer.model_max_length if self.tokenizer.model_max_length < 1 << 24 else None
         self.client = None
         if not sampler_path:
             try:
