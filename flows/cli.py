@@ -119,7 +119,8 @@ def _dispatch(a) -> int:
     if a.command == "inspect":
         from lora_pipeline.inspect_tinker import inspect
 
-        print("\n".join(inspect(a.timeout)))
+        for line in inspect(a.timeout):
+            print(line, flush=True)
         return 0
     if a.command == "export":
         from lora_pipeline.export import export

@@ -171,7 +171,10 @@ class _Exporter:
         self.timeout = timeout
         # The key comes from TINKER_API_KEY, read by the SDK.
         self.service = tinker.ServiceClient(base_url=service_url())
-        self.rest = tinker.RestClient(base_url=service_url())
+        # Making a RestClient opens a session and waits for it without a deadline: an
+        # unreachable service held the export for minutes.
+        self.rest = run_with_deadline(f"the session request to {service_url() or 'the Tinker service'}", timeout,
+                                      lambda: tinker.RestClient(base_url=service_url()))
 
     def _create(self, op: str, make):
         """Client creation blocks the calling thread (session set-up): it gets a helper thread."""

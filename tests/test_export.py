@@ -245,3 +245,25 @@ def test_a_local_adapter_is_copied(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "lora_pipeline.json"]
     assert export(local, local) == local and (local / "training_state.pt").exists()  # in place: nothing to do
+
+
+@pytest.mark.parametrize("command", [["export", "tinker://run-1/weights/final", "--output", "exp",
+                                      "--request-timeout", "3"], ["inspect", "--timeout", "3"]])
+def test_an_unreachable_service_is_one_line_within_the_deadline(tmp_path, command):
+    """Making a RestClient opens a session without a deadline: export waited 312 s, then printed a
+    traceback; inspect said nothing was wrong and exited 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lora_pipeline.processes import free_port
+
+    env = {**os.environ, "TINKER_API_KEY": "tml-unreachable", "TINKER_BASE_URL": f"http://127.0.0.1:{free_port()}"}
+    started = time.monotonic()
+    r = subprocess.run([str(Path(sys.executable).parent / "lora-pipeline"), *command], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 40
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert "within 3 s" in r.stderr and "Traceback" not in r.stderr and "Warning" not in r.stderr
+    assert not (tmp_path / "exp").exists()
