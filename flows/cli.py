@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from lora_pipeline import settings as S
+from lora_pipeline.data import check_output_file
 from lora_pipeline.errors import PipelineError
 
 COMMANDS = {  # command -> (help, its settings' fields, defaults that differ for it)
@@ -96,6 +97,7 @@ def _check_inputs(command: str, params: dict) -> None:
         TrainingRun(S.build(S.TrainSettings, params)).check_inputs()
     elif command in ("run", "sweep"):
         from lora_pipeline.engines import resolve_engine
+        from lora_pipeline.models import check_rank
 
         if command == "sweep":
             from lora_pipeline.sweep import configurations
@@ -106,13 +108,24 @@ def _check_inputs(command: str, params: dict) -> None:
                 S.check_pipeline(config)
         else:
             S.check_pipeline(params)
-        resolve_engine(params["backend"], params["base_model"])
+        backend, base_model = resolve_engine(params["backend"], params["base_model"])
+        if backend == "local":
+            for rank in params["rank"] if isinstance(params["rank"], tuple) else (params["rank"],):
+                check_rank(base_model, rank)
+        if params["test_prompts"]:  # before the data is prepared and a model trained, not after
+            from lora_pipeline.evaluate import load_prompts
+
+            load_prompts(params["test_prompts"])
     elif command == "test":
+        from lora_pipeline.engines import check_base_model
         from lora_pipeline.evaluate import adapter_info, load_prompts
 
         S.build(S.EvaluateSettings, params).check()
-        adapter_info(params["lora_weights"])
+        check_output_file(params["output"], "--output", [params["test_prompts"] or ""])
+        info = adapter_info(params["lora_weights"])
         load_prompts(params["test_prompts"])
+        if params["base_model"] or info["base_model"]:
+            check_base_model(info["backend"], params["base_model"] or info["base_model"])
 
 
 def _dispatch(a) -> int:
@@ -131,6 +144,9 @@ def _dispatch(a) -> int:
         if not os.environ.get("PREFECT_API_URL"):
             raise PipelineError("PREFECT_API_URL is not set: start a server (`make server`) and "
                                 "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+        from lora_pipeline.flows.server import check_api_url
+
+        check_api_url(os.environ["PREFECT_API_URL"])
         from lora_pipeline.deployments.serve import serve
 
         serve()

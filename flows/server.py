@@ -27,6 +27,7 @@ def temporary_server():
     """Sets PREFECT_API_URL to a temporary server for the duration, unless one is set. Call it
     before Prefect is imported: Prefect reads its settings from the environment then."""
     if os.environ.get("PREFECT_API_URL"):
+        check_api_url(os.environ["PREFECT_API_URL"])
         yield
         return
     assert "prefect" not in sys.modules, "temporary_server() must run before Prefect is imported"
@@ -68,6 +69,20 @@ def temporary_server():
         _send_pending_logs()
         del os.environ["PREFECT_API_URL"]
         stop(server, 10, signal.SIGTERM)
+
+
+def check_api_url(url: str, timeout: float = 10) -> None:
+    """One line, at once, when nothing answers at PREFECT_API_URL: Prefect's client would retry
+    for minutes and then print a long traceback. Any HTTP answer counts as a server (a Prefect
+    Cloud workspace may answer /health with an error of its own)."""
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
+    except (httpx.TransportError, httpx.InvalidURL, ValueError) as e:
+        raise PipelineError(f"PREFECT_API_URL {url}: no Prefect server answers there ({type(e).__name__}); start it "
+                            "(`make server`), correct the URL, or unset PREFECT_API_URL to let each command start "
+                            "a temporary server") from None
 
 
 def _send_pending_logs() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from tinker import types
 
 from .data import check_input_file, read_chat_jsonl, write_json
-from .engines import INFO_FILE, make_engine
+from .engines import INFO_FILE, check_base_model, make_engine
 from .errors import PipelineError
 from .settings import EvaluateSettings, SampleSettings
 
@@ -54,19 +54,42 @@ def load_prompts(path: str | None) -> list[dict]:
     return prompts
 
 
+def _json_object(path: Path, flag: str, value: str) -> dict:
+    """A JSON object file of an adapter folder; a damaged one is said, not a traceback."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{flag} {value}: {path.name} cannot be read ({type(e).__name__}: {e}); the folder is "
+                            "damaged: export or train it again") from None
+    if not isinstance(obj, dict):
+        raise PipelineError(f"{flag} {value}: {path.name} is not a JSON object; the folder is damaged")
+    return obj
+
+
 def adapter_info(lora_weights: str) -> dict:
     """What the training run recorded with the adapter: backend, base model, rank (and the
-    tinker:// sampler path). A PEFT folder from elsewhere works too."""
+    tinker:// sampler path). A PEFT folder from elsewhere works too. A record that is damaged or
+    lacks what it needs is said as such."""
     folder = Path(lora_weights)
+    flag = "--lora-weights"
     if (folder / INFO_FILE).is_file():
-        info = json.loads((folder / INFO_FILE).read_text())
-        if info["backend"] == "local" or info.get("sampler_path"):
+        info = _json_object(folder / INFO_FILE, flag, lora_weights)
+        if info.get("backend") == "tinker" and info.get("sampler_path"):
+            return {**info, "folder": folder}
+        if info.get("backend") == "local" and isinstance(info.get("rank"), int) and info.get("base_model"):
             return {**info, "folder": folder}
     if (folder / "adapter_config.json").is_file():
-        config = json.loads((folder / "adapter_config.json").read_text())
+        config = _json_object(folder / "adapter_config.json", flag, lora_weights)
+        if not isinstance(config.get("r"), int) or config["r"] < 1:
+            raise PipelineError(f"{flag} {lora_weights}: adapter_config.json has no LoRA rank (r); it is not a "
+                                "complete PEFT LoRA adapter")
         return {"backend": "local", "base_model": config.get("base_model_name_or_path"),
                 "rank": config["r"], "folder": folder}
-    raise PipelineError(f"--lora-weights {lora_weights}: not LoRA weights (no adapter_config.json, no "
+    if (folder / INFO_FILE).is_file():
+        raise PipelineError(f"{flag} {lora_weights}: {INFO_FILE} records neither a local adapter (backend, "
+                            "base_model, rank) nor a Tinker sampler path, and there is no adapter_config.json; "
+                            "the folder is damaged: pass a run's final_lora_weights/")
+    raise PipelineError(f"{flag} {lora_weights}: not LoRA weights (no adapter_config.json, no "
                         "sampler path); pass a run's final_lora_weights/")
 
 
@@ -113,6 +136,7 @@ def compare(lora_weights: str, prompts: list[dict], s: SampleSettings, progress=
     base_model = s.base_model or info["base_model"]
     if not base_model:
         raise PipelineError(f"--lora-weights {lora_weights}: no base model recorded; pass --base-model")
+    check_base_model(info["backend"], base_model)  # a missing or broken one is said as such
     engine = make_engine(info["backend"], base_model, rank=info["rank"], seed=s.seed,
                          request_timeout=s.request_timeout, weights=info, device=s.device, dtype=s.dtype)
     inputs = [engine.renderer.build_generation_prompt(p["messages"], p.get("tools")) for p in prompts]

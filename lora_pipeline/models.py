@@ -47,9 +47,15 @@ def _smollm2_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir = _smollm2_gguf_dir()
+    try:  # before the minutes of conversion: a cache that cannot be written is said at once
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=target.parent).close()
+    except OSError as e:
+        raise PipelineError(
+            f"the model cache {target.parent} cannot be written ({e.strerror}): set LORA_PIPELINE_CACHE to a "
+            "folder you can write to (the default is ~/.cache/lora-pipeline)") from None
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
     try:
         model.save_pretrained(tmp)
@@ -95,6 +101,52 @@ def _hub_reachable() -> bool:
         return False
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def load_from(base_model: str, what: str, load, hint: str = ""):
+    """`load(source, **kwargs)` for `base_model`'s `what` (its config, tokenizer or weights), its
+    failure said by where it failed, with the fix that fits: a model folder that is incomplete
+    or inconsistent, the converted cache, or the hub (not in its cache and out of reach). What
+    transformers raises says little of that (an OSError reads as a file problem of ours)."""
+    source = resolve_local_model(base_model)
+    if Path(source).exists():
+        try:
+            return load(source)
+        except MemoryError:
+            raise
+        except Exception as e:  # OSError, ValueError, RuntimeError (sizes that disagree)...
+            if base_model in (SMOLLM2, "SmolLM2-135M-Instruct"):
+                raise PipelineError(f"the converted {SMOLLM2} in the model cache {source} cannot be loaded "
+                                    f"({_first_line(e)}): remove that folder, and it is converted again") from None
+            raise PipelineError(f"--base-model {base_model}: the model folder's {what} cannot be loaded "
+                                f"({_first_line(e)}): the folder is incomplete, or its config.json does not match its "
+                                f"files. Give a complete transformers model folder{hint}") from None
+    try:
+        return load(source, local_files_only=True)
+    except MemoryError:
+        raise
+    except Exception:  # not in the Hugging Face cache; the hub may still have it
+        pass
+    # Without this check the hub client retries for a minute or more before failing.
+    if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
+        raise PipelineError(f"--base-model {base_model}: not a local folder, its {what} is not in the Hugging Face "
+                            f"cache, and the hub cannot be reached; connect to the network (or unset HF_HUB_OFFLINE), "
+                            f"or give a model folder{hint}")
+    try:
+        return load(source)
+    except MemoryError:
+        raise
+    except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
+        raise PipelineError(f"--base-model {base_model}: the hub could not give its {what} ({_first_line(e)}); "
+                            f"check the model id{hint}") from None
+
+
 def check_local_model(base_model: str) -> None:
     """Fail fast, before any run folder exists, when the base model cannot be found."""
     if base_model in (SMOLLM2, "SmolLM2-135M-Instruct"):
@@ -102,21 +154,23 @@ def check_local_model(base_model: str) -> None:
         return
     from transformers import AutoConfig
 
-    source = resolve_local_model(base_model)
-    hint = f"The local engine takes {SMOLLM2} (bundled) or a transformers model folder"
-    try:
-        AutoConfig.from_pretrained(source, local_files_only=True)
-        return
-    except Exception:  # not on disk; the hub may still have it
-        pass
-    # Without this check the hub client retries for half a minute before failing.
-    if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
-        raise PipelineError(f"--base-model {base_model}: not a local folder nor in the Hugging Face "
-                            f"cache, and the hub cannot be reached. {hint}")
-    try:
-        AutoConfig.from_pretrained(source)
-    except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
-        raise PipelineError(f"--base-model {base_model}: cannot load it ({type(e).__name__}). {hint}") from None
+    hint = f". The local engine takes {SMOLLM2} (bundled) or a transformers model folder"
+    load_from(base_model, "config.json", AutoConfig.from_pretrained, hint)
+    folder = Path(base_model).expanduser()
+    if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise PipelineError(f"--base-model {base_model}: the folder has a config.json but no weights "
+                            f"(model.safetensors or pytorch_model.bin); give a complete transformers model folder")
+
+
+def check_rank(base_model: str, rank: int) -> None:
+    """A LoRA's rank is at most the width of the layers it adapts: more adds nothing the model
+    can use, and a huge one would try to allocate it (--rank 100000 asked for ~122 GB)."""
+    from transformers import AutoConfig
+
+    width = getattr(load_from(base_model, "config.json", AutoConfig.from_pretrained), "hidden_size", None)
+    if width and rank > width:
+        raise PipelineError(f"--rank {rank}: more than {base_model} can take: a LoRA's rank is at most the width of "
+                            f"the layers it adapts ({width} here); give --rank {width} or less")
 
 
 def base_weights(base_model: str, dtype: str) -> str:
@@ -134,16 +188,17 @@ def base_weights(base_model: str, dtype: str) -> str:
 def load_tokenizer(base_model: str):
     """The tokenizer of `base_model`, loaded once per process (seconds each time otherwise:
     prepare, training and evaluation all need it). Shared: callers must not change it."""
-    source = resolve_local_model(base_model)
-    return _tokenizer(str(Path(source).resolve()) if Path(source).exists() else source)
+    return load_from(base_model, "tokenizer",
+                     lambda source, **kw: _tokenizer(str(Path(source).resolve()) if Path(source).exists() else source,
+                                                     **kw))
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(source: str):
+def _tokenizer(source: str, local_files_only: bool = False):
     """Keyed on the absolute folder: a relative name means another folder in another directory."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
 
 
 def resolve_device(device: str) -> str:
@@ -181,4 +236,5 @@ def load_model(base_model: str, dtype: str = "float32"):
     """The base model's weights in `dtype`, on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(resolve_local_model(base_model), dtype=dtype)
+    return load_from(base_model, "weights", lambda source, **kw: AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, **kw))

@@ -84,7 +84,7 @@ def _check_value(f: dataclasses.Field, value) -> None:
     for name, bound in bounds.items():
         ok, words = rules[name]
         if not ok(bound):
-            raise PipelineError(f"{where} {value!r}: must be {words} {bound:g}")
+            raise PipelineError(f"{where} {value!r}: must be {words} {bound if isinstance(bound, int) else f'{bound:g}'}")
 
 
 class Checked:
@@ -105,8 +105,9 @@ class BaseModelChoice:
 
 @dataclass(kw_only=True)
 class Seeded:
+    # At most 2**32 - 1: what every generator it seeds takes (torch refused 2**64 with a traceback).
     seed: int = setting(0, "random seed: data sample and split, LoRA initialisation, batch order, sampling",
-                        min=0, shapes_training=True)
+                        min=0, max=2**32 - 1, shapes_training=True)
 
 
 @dataclass(kw_only=True)
@@ -125,8 +126,9 @@ class Placement:
 
 @dataclass(kw_only=True)
 class Deadline:
+    # At most a day: a longer wait is no deadline, and the OS's timers refuse a huge one.
     request_timeout: float = setting(120.0, "seconds any one Tinker call may take before it is retried",
-                                     above=0)
+                                     above=0, max=86400)
 
 
 # -- the stages ---------------------------------------------------------------------------------
@@ -199,6 +201,15 @@ class SampleSettings(Checked, BaseModelChoice, Seeded, Placement, Deadline):
 
 @dataclass(kw_only=True)
 class EvaluateSettings(SampleSettings):
+    def check(self) -> None:
+        """The numbers and choices, and that a --test-prompts file is a file: a pipeline checks
+        this before it prepares and trains, not after."""
+        super().check()
+        if self.test_prompts:
+            from .data import check_input_file
+
+            check_input_file(self.test_prompts, "--test-prompts")
+
     """`lora-pipeline test`: the sampling settings, plus which adapter and where to write."""
     lora_weights: str = setting(help="a run's final_lora_weights/ or checkpoint folder")
     output: str = setting("lora_test_results.json", "the results JSON to write")

@@ -18,7 +18,7 @@ from .data import check_input_file, file_sha256, folder_sha256, held_out_beside,
 from .engines import EngineTimeout, check_base_model, choose_backend, default_base_model, make_engine
 from .errors import PipelineError
 from .export import export_run_weights
-from .models import resolve_device
+from .models import check_rank, resolve_device
 from .render import render_conversations
 from .run_folder import FINAL, FORMAT, STATE, CheckpointRecord, RunFolder, RunSummary, checkpoint_name
 from .settings import TrainSettings, resume_keys
@@ -140,6 +140,7 @@ class TrainingRun:
         val_conversations = read_chat_jsonl(Path(val_data), "--val-data") if val_data else []
         check_base_model(self.backend, self.base_model)
         if self.backend == "local":
+            check_rank(self.base_model, self.settings.rank)
             resolve_device(self.settings.device)  # --device cuda without a GPU fails here
         return conversations, val_conversations
 

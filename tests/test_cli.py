@@ -150,3 +150,46 @@ def test_prepare_refuses_inputs_that_hang_and_outputs_that_lose_data(tmp_path, d
     assert message in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "mine.jsonl").read_text() == good * 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "good.jsonl", "--seed", "18446744073709551616"],
+     "--seed (seed) 18446744073709551616: must be at most 4294967295"),
+    (["run", "--dataset", "good.jsonl", "--test-prompts", "/nonexistent.json"],
+     "--test-prompts /nonexistent.json: file not found"),
+    (["test", "--lora-weights", "adapter", "--base-model", "/nonexistent/model"],
+     "--base-model /nonexistent/model: not a local folder, its config.json is not in the Hugging Face cache"),
+    (["test", "--lora-weights", "adapter", "--output", "adapter"], "--output adapter: is a folder"),
+    (["train", "--data", "good.jsonl", "--val-data", "empty.jsonl"], "empty.jsonl: the file holds no conversations"),
+    (["train", "--data", "/dev/zero"], "--data /dev/zero: is a device, not a regular file"),
+    (["train", "--data", "."], "--data .: is a folder, not a regular file"),
+])
+def test_input_mistakes_found_before_any_work_are_one_line(tmp_path, tiny, args, message):
+    """Before: tracebacks, "file not found" for a device or a folder, an empty --val-data named as
+    --data, and a missing --test-prompts found only after preparing and training."""
+    from lora_pipeline.engines.local import LocalEngine
+
+    good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr!"}]}\n'
+    (tmp_path / "good.jsonl").write_text(good * 8)
+    (tmp_path / "empty.jsonl").write_text("")
+    LocalEngine(str(tiny), rank=4, seed=0, root=tmp_path, device="cpu").save_weights_for_sampler("adapter").result()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = cli(*args, "--output-dir" if args[0] in ("train", "run") else "--max-tokens",
+            "out" if args[0] in ("train", "run") else "2", cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_prefect_api_url_where_nothing_listens_is_one_line(tmp_path):
+    from lora_pipeline.processes import free_port
+
+    (tmp_path / "in.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}, '
+                                       '{"role": "assistant", "content": "Arr!"}]}\n')
+    env = {**{k: v for k, v in os.environ.items() if k != "TINKER_API_KEY"},
+           "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
+    r = subprocess.run([CLI, "prepare", "--dataset", "in.jsonl", "--output", "out.jsonl"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr[-2000:]
+    assert "no Prefect server answers there" in r.stderr and "unset PREFECT_API_URL" in r.stderr
+    assert not (tmp_path / "out.jsonl").exists()

@@ -165,3 +165,108 @@ def test_a_prompt_longer_than_the_models_context_is_refused(tmp_path, tiny_adapt
         run_test(EvaluateSettings(lora_weights=tiny_adapter, test_prompts=str(prompts), max_tokens=5, device="cpu",
                                   output=str(tmp_path / "results.json")))
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.fixture
+def damaged_models(tiny, tmp_path):
+    """Copies of the tiny model folder, each damaged in one way a user's folder can be."""
+    import shutil
+
+    made = {}
+    for name in ("other_sizes", "no_weights", "broken_config"):
+        made[name] = shutil.copytree(tiny, tmp_path / name)
+    config = json.loads((tiny / "config.json").read_text())
+    (made["other_sizes"] / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
+    for weights in made["no_weights"].glob("*.safetensors"):
+        weights.unlink()
+    (made["broken_config"] / "config.json").write_text('{"model_type": "llama", ')
+    return made
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("other_sizes", "the model folder's weights cannot be loaded .*config.json does not match its files"),
+    ("no_weights", "the folder has a config.json but no weights"),
+    ("broken_config", "the model folder's config.json cannot be loaded"),
+])
+def test_a_damaged_model_folder_is_said_as_such(workspace, damaged_models, damage, said):
+    """Before: a traceback of size mismatches; "a file: ... choose another --output-dir"; "not a
+    local folder nor in the Hugging Face cache"."""
+    tmp_path, out, data = workspace
+    with pytest.raises(PipelineError, match=rf"--base-model {damaged_models[damage]}: {said}"):
+        run = TrainingRun(TrainSettings(data=str(data), output_dir=str(out), base_model=str(damaged_models[damage]),
+                                        backend="local", device="cpu", batch=2, max_steps=1))
+        run.open()
+        run.close()
+    assert untouched(tmp_path) and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_rank_beyond_the_models_width_is_refused_before_any_allocation(workspace, tiny):
+    tmp_path, out, data = workspace
+    with pytest.raises(PipelineError, match=r"--rank 100000: more than .* can take: .* \(64 here\); give --rank 64 or less"):
+        TrainingRun(TrainSettings(data=str(data), output_dir=str(out), base_model=str(tiny), backend="local",
+                                  rank=100000)).open()
+    assert untouched(tmp_path)
+
+
+@pytest.mark.parametrize("damage, said", [
+    ({"lora_pipeline.json": "{not json"}, "lora_pipeline.json cannot be read"),
+    ({"lora_pipeline.json": "{}", "adapter_config.json": None}, "lora_pipeline.json records neither"),
+    ({"lora_pipeline.json": "[]"}, "lora_pipeline.json is not a JSON object"),
+    ({"lora_pipeline.json": "{}", "adapter_config.json": '{"peft_type": "LORA"}'}, "adapter_config.json has no LoRA rank"),
+])
+def test_a_damaged_adapter_folder_is_said_as_such(tmp_path, tiny_adapter, damage, said):
+    import shutil
+
+    from lora_pipeline.evaluate import adapter_info
+
+    folder = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    for name, text in damage.items():
+        (folder / name).unlink()
+        if text is not None:
+            (folder / name).write_text(text)
+    with pytest.raises(PipelineError, match=f"--lora-weights {folder}: {said}"):
+        adapter_info(str(folder))
+
+
+def test_an_adapter_with_only_its_peft_files_still_works(tmp_path, tiny_adapter):
+    import shutil
+
+    from lora_pipeline.evaluate import adapter_info
+
+    folder = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    (folder / "lora_pipeline.json").write_text("{}")
+    assert adapter_info(str(folder))["rank"] == 4
+
+
+def test_an_adapter_for_another_base_model_or_a_missing_one_is_one_error(tmp_path, tiny_adapter, tiny, monkeypatch):
+    from lora_pipeline.evaluate import compare, load_prompts
+    from lora_pipeline.settings import SampleSettings
+    from tiny_model import build_tiny_model
+
+    wider = tmp_path / "wider"
+    build_tiny_model(wider)
+    config = json.loads((wider / "config.json").read_text())
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(**{**{k: v for k, v in config.items() if k not in ("architectures", "model_type")},
+                                    "hidden_size": 32, "intermediate_size": 64})).save_pretrained(wider)
+    prompts = load_prompts(None)[:1]
+    with pytest.raises(PipelineError, match=rf"--lora-weights .*: does not fit the base model {wider} .*pass that one "
+                                            "with --base-model"):
+        compare(tiny_adapter, prompts, SampleSettings(base_model=str(wider), max_tokens=2, device="cpu"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PipelineError, match="--base-model /nonexistent/model: not a local folder, its config.json is "
+                                            "not in the Hugging Face cache, and the hub cannot be reached"):
+        compare(tiny_adapter, prompts, SampleSettings(base_model="/nonexistent/model", max_tokens=2, device="cpu"))
+
+
+def test_a_cache_that_cannot_be_written_names_the_variable_and_keeps_the_users_file(tmp_path, monkeypatch):
+    """Before: "something is already there. Remove it" of the user's own file."""
+    from lora_pipeline.models import _smollm2_dir
+
+    mine = tmp_path / "my-file"
+    mine.write_text("the user's")
+    monkeypatch.setenv("LORA_PIPELINE_CACHE", str(mine))
+    with pytest.raises(PipelineError, match=rf"the model cache {mine} cannot be written .*set LORA_PIPELINE_CACHE"):
+        _smollm2_dir()
+    assert mine.read_text() == "the user's"

@@ -70,6 +70,8 @@ def test_flow_parameters_have_the_settings_types_defaults_and_help(flow_name, cl
     ({"learning_rate": -1e-4}, "--learning-rate (learning_rate) -0.0001: must be above 0"),
     ({"max_length": -5}, "--max-length (max_length) -5: must be at least 1"),
     ({"seed": -1}, "--seed (seed) -1: must be at least 0"),
+    ({"seed": 2**64}, "--seed (seed) 18446744073709551616: must be at most 4294967295"),
+    ({"request_timeout": 1e300}, "--request-timeout (request_timeout) 1e+300: must be at most 86400"),
     ({"batch": 0}, "--batch (batch) 0: must be at least 1"),
     ({"request_timeout": 0}, "--request-timeout (request_timeout) 0: must be above 0"),
     ({"backend": "gpu"}, "--backend (backend) 'gpu': choose one of auto, local, tinker"),
@@ -117,3 +119,32 @@ def test_run_and_test_both_take_compare_base_either_way():
     test = ["test", "--lora-weights", "w"]
     assert parser().parse_args(test).compare_base is False  # as the workflow's test script
     assert parser().parse_args(test + ["--compare-base"]).compare_base is True
+
+
+# Numbers that no check bounds above, because any size is harmless or is checked where its limit
+# is known: a step count or length is only as costly as asked, --rank against the model's width,
+# --max-tokens against its context. A new unbounded number must be added here knowingly.
+UNBOUNDED_OK = {"batch", "max_steps", "rank", "save_every", "max_length", "max_examples", "max_tokens",
+                "max_prompts", "learning_rate", "eps", "weight_decay", "temperature", "tinker_sessions",
+                "local_trainings"}
+
+
+@pytest.mark.parametrize("cls", [S.PrepareSettings, S.TrainSettings, S.EvaluateSettings, S.SweepSettings])
+def test_every_number_is_bounded_or_known_to_be_harmless_at_any_size(cls, tmp_path):
+    """--seed 2**64 was a traceback from torch; a huge --request-timeout one from the OS's timers."""
+    required = {f.name: str(tmp_path / f.name) for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING}
+    passed = set()
+    for f in dataclasses.fields(cls):
+        kind = f.type if f.type in (int, float) else next(
+            (t for t in getattr(f.type, "__args__", ()) if t in (int, float)), None)
+        if kind is None or f.type is bool:
+            continue
+        huge = 2**64 if kind is int else 1e300
+        try:
+            cls(**required, **{f.name: (huge,) if cls is S.SweepSettings and f.name in ("rank", "learning_rate")
+                               else huge}).check()
+            passed.add(f.name)
+        except PipelineError as e:
+            assert "must be" in str(e) and "\n" not in str(e)
+    assert passed <= UNBOUNDED_OK, passed - UNBOUNDED_OK

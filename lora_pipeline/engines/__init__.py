@@ -115,6 +115,9 @@ def check_base_model(backend: str, base_model: str) -> None:
     """Fail before any work when the engine cannot start."""
     if backend == "tinker":
         check_tinker_ready()
+        from ..models import load_tokenizer
+
+        load_tokenizer(base_model)  # from the hub: said at once when it cannot be reached
     else:
         from ..models import check_local_model
 

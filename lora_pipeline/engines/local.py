@@ -114,7 +114,12 @@ class LocalEngine:
         # weights on every device.
         torch.manual_seed(seed)
         if adapter:
-            self.model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+            try:
+                self.model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+            except (RuntimeError, ValueError, KeyError) as e:  # PEFT's way of saying "other layer sizes"
+                raise PipelineError(f"--lora-weights {adapter}: does not fit the base model {base_model} "
+                                    f"({str(e).strip().splitlines()[-1].strip()[:200]}); it was trained for another "
+                                    "model: pass that one with --base-model") from None
         else:
             config = LoraConfig(r=rank, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                 task_type="CAUSAL_LM")
