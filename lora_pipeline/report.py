@@ -322,7 +322,8 @@ def resume_command(config: dict) -> str:
 def write_failure_summary(output_dir: str, run_name: str | None, error: str, since: float,
                           how_to_continue: str | None = None, details: str = "") -> tuple[Path, str]:
     """`failure.md` in the failed run's folder (or `last_failure.md` in the output folder when
-    the run never got one, or when another process holds that folder): what failed, the last
+    the run never got one, when another process holds that folder, or when it holds a run that
+    had finished before this flow run began `since`): what failed, the last
     good checkpoint, how to continue (`how_to_continue`, else the `lora-pipeline train` command
     that does), and `details` (the traceback). Paths in it are absolute."""
     out = Path(output_dir).resolve()
@@ -333,7 +334,14 @@ def write_failure_summary(output_dir: str, run_name: str | None, error: str, sin
         run_dir = max(made, key=lambda p: p.stat().st_mtime) if made else None
     lines = ["# lora-pipeline run failed", "", f"**Error:** {error}", ""]
     folder = RunFolder(run_dir) if run_dir and (run_dir / "config.json").exists() else None
-    if folder and not folder.in_use_elsewhere():
+    # A run that had finished before this flow run began (a refused rerun, say) did not fail: a
+    # note in its folder would say it had. The note goes beside it.
+    finished = folder is not None and (folder / "summary.json").exists() and \
+        (folder / "summary.json").stat().st_mtime < since
+    if folder and finished:
+        lines += [f"The run in `{folder.path}` had finished before this attempt and is intact; this attempt "
+                  "failed before changing it."]
+    if folder and not finished and not folder.in_use_elsewhere():
         states = [e for e in folder.registry() if e.state_path]
         last = f"`{states[-1].state_path}` (step {states[-1].step})" if states else "none yet"
         lines += [f"**Run folder:** `{folder.path}`", f"**Last good checkpoint:** {last}", "",
@@ -341,8 +349,9 @@ def write_failure_summary(output_dir: str, run_name: str | None, error: str, sin
                   f"    {how_to_continue or resume_command(folder.read_config())}"]
         path = folder / "failure.md"
     else:
-        lines += ["No run folder of this run can take the note (none was made, or another process holds it); "
-                  "fix the error and run the same command again" + (f":\n\n    {how_to_continue}" if how_to_continue else ".")]
+        lines += ["No run folder of this run can take the note (none was made, another process holds it, or it "
+                  "holds a finished run); fix the error and run the same command again"
+                  + (f":\n\n    {how_to_continue}" if how_to_continue else ".")]
         path = out / "last_failure.md"
     if details:
         lines += ["", "## Details", "", "```", details.rstrip(), "```"]

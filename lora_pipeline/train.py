@@ -169,6 +169,14 @@ class TrainingRun:
         if len(self.examples) < s.batch:
             raise PipelineError(f"--data {s.data}: {len(self.examples)} usable examples, fewer than "
                                 f"one batch of {s.batch}; lower --batch or add data")
+            dropped = self.render_report.dropped
+            if any("length" in reason or reason.startswith("longer than") for reason in dropped):
+                # The length limit dropped them, not the data's size: say which to change.
+                reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+                raise PipelineError(f"--data {s.data}: {len(self.examples)} of {len(conversations)} examples are "
+                                    f"usable at --max-length {s.max_length} ({reasons}), fewer than one batch "
+                                    f"of {s.batch}; raise --max-length (or keep long examples with --on-overflow "
+                                    "truncate)")
         self.steps_per_epoch = len(self.examples) // s.batch
         self.total_steps = s.max_steps or self.steps_per_epoch
         if resuming:
@@ -253,6 +261,11 @@ class TrainingRun:
         self.done = done
         self.notes.append(f"continuing after step {done} of {self.total_steps}" if done
                           else "no usable checkpoint: starting from step 1")
+        # The summary's time is the training's, not this process's alone (tokens/s read 3x too
+        # high after a resume): the earlier processes' steps count, as their log recorded them.
+        self.started -= sum(r["time_s"] for r in self.log)
+        if any(e.step == done and e.is_checkpoint for e in self.saved):
+            self.validate(done)  # an interruption during the checkpoint's measure lost it; no-op if kept
 
     def _new_engine(self):
         s = self.settings
@@ -463,6 +476,8 @@ class TrainingRun:
         self.folder.write_summary(summary)
         return summary
 
+        # A failure note of an earlier process no longer holds: the run has finished.
+        (self.run_dir / "failure.md").unlink(missing_ok=True)
 
 def train(run: TrainingRun, step=TrainingRun.step, save=TrainingRun.save_checkpoint,
           finish=TrainingRun.finish, validate=TrainingRun.validate) -> RunSummary:

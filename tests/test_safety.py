@@ -270,3 +270,39 @@ def test_a_cache_that_cannot_be_written_names_the_variable_and_keeps_the_users_f
     with pytest.raises(PipelineError, match=rf"the model cache {mine} cannot be written .*set LORA_PIPELINE_CACHE"):
         _smollm2_dir()
     assert mine.read_text() == "the user's"
+
+
+def test_a_refused_rerun_leaves_a_finished_run_folder_as_it_was(workspace):
+    """Its note goes beside the folder: failure.md inside would say that the finished run failed."""
+    tmp_path, out, data = workspace
+    run = out / "done"
+    run.mkdir()
+    (run / "config.json").write_text('{"format": 3}')
+    (run / "summary.json").write_text("{}")
+    finished_at = time.time() - 60
+    os.utime(run / "summary.json", (finished_at, finished_at))
+    path, markdown = write_failure_summary(str(out), "done", "other data or settings", time.time() - 1)
+    assert path == out / "last_failure.md" and not (run / "failure.md").exists()
+    assert "had finished before this attempt and is intact" in markdown
+
+
+def test_a_length_limit_that_leaves_no_batch_says_to_raise_it(workspace, tiny):
+    """Before: "lower --batch or add data", for data that was plenty."""
+    tmp_path, out, data = workspace
+    with pytest.raises(PipelineError, match=r"0 of 12 examples are usable at --max-length 1 .*raise --max-length"):
+        TrainingRun(TrainSettings(data=str(data), output_dir=str(out), base_model=str(tiny), backend="local",
+                                  device="cpu", batch=2, max_length=1, run_name="r")).open()
+    assert not (out / "r").exists()
+
+
+def test_tinker_with_its_tokenizer_out_of_reach_is_said_at_once(monkeypatch):
+    """Before: ~80 s of the hub client's retries, then "a file: ... choose another --output-dir"."""
+    from lora_pipeline.engines import resolve_engine
+
+    monkeypatch.setenv("TINKER_API_KEY", "tml-test")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=r"--base-model Qwen/Qwen3-8B: not a local folder, its tokenizer is not "
+                                            r"in the Hugging Face cache, and the hub cannot be reached"):
+        resolve_engine("tinker", None)  # the default model
+    assert time.monotonic() - started < 10
