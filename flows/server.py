@@ -57,9 +57,15 @@ def temporary_server():
         stop(server, 5)
         errors.seek(0)
         said = errors.read().decode(errors="replace").strip().splitlines()
-        raise PipelineError(f"{e}{f' ({said[-1]})' if said else ''}; a busy machine can be slow to start one. "
-                            "Start a Prefect server with `make server`, `export "
-                            "PREFECT_API_URL=http://127.0.0.1:4200/api`, and run this again") from None
+        # The line that names the cause (an unwritable database under PREFECT_HOME, say), else the last.
+        cause = next((line for line in reversed(said) if line.startswith(("sqlalchemy.exc.", "PermissionError",
+                                                                           "OSError"))), said[-1] if said else "")
+        why = ("a busy machine can be slow to start one" if isinstance(e, TimeoutError) else
+               f"it keeps its database under PREFECT_HOME ({prefect_home()}): check that it can be written, or set "
+               "PREFECT_HOME to a folder that can")
+        raise PipelineError(f"{e}{f' ({cause.strip()})' if cause else ''}; {why}. Or start a Prefect server with "
+                            "`make server`, `export PREFECT_API_URL=http://127.0.0.1:4200/api`, and run this "
+                            "again") from None
     finally:
         errors.close()
     os.environ["PREFECT_API_URL"] = url
@@ -69,6 +75,11 @@ def temporary_server():
         _send_pending_logs()
         del os.environ["PREFECT_API_URL"]
         stop(server, 10, signal.SIGTERM)
+
+
+def prefect_home() -> str:
+    """Where Prefect keeps its database and settings, as Prefect reads it (PREFECT_HOME)."""
+    return os.environ.get("PREFECT_HOME") or os.path.join(os.path.expanduser("~"), ".prefect")
 
 
 def check_api_url(url: str, timeout: float = 10) -> None:

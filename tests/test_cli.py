@@ -193,3 +193,24 @@ def test_a_prefect_api_url_where_nothing_listens_is_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr[-2000:]
     assert "no Prefect server answers there" in r.stderr and "unset PREFECT_API_URL" in r.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.slow  # starts a server (which cannot start)
+def test_an_unwritable_home_is_said_for_what_needs_it(tmp_path, tiny):
+    """Before: "a busy machine can be slow to start one" for a server that could not open its
+    database under ~/.prefect; and "choose another --output-dir" for the model cache."""
+    good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr!"}]}\n'
+    (tmp_path / "good.jsonl").write_text(good * 4)
+    (tmp_path / "home").write_text("a file, not a folder")
+    env = {**{k: v for k, v in os.environ.items() if k not in ("TINKER_API_KEY", "PREFECT_API_URL", "PREFECT_HOME",
+                                                              "LORA_PIPELINE_CACHE")}, "HOME": str(tmp_path / "home")}
+    r = subprocess.run([CLI, "train", "--data", "good.jsonl", "--output-dir", "out"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"the model cache {tmp_path}/home/.cache/lora-pipeline cannot be written" in r.stderr
+    assert "set LORA_PIPELINE_CACHE" in r.stderr
+    r = subprocess.run([CLI, "train", "--data", "good.jsonl", "--base-model", tiny, "--output-dir", "out"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert f"it keeps its database under PREFECT_HOME ({tmp_path}/home/.prefect)" in r.stderr
+    assert not (tmp_path / "out").exists()
