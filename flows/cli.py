@@ -184,16 +184,27 @@ def _tracebacks_off_the_console():
                                             "stack_info": None})
             return self.inner.format(record)
 
+    def said_once(record: logging.LogRecord) -> bool:
+        """False for what the terminal would otherwise show twice or more: a user's mistake
+        (PipelineError) is logged by the task and the flow as each fails and finishes, then
+        printed by main() as the one line that matters; prepare's summary is logged by its task
+        and printed by the command on stdout, where a script reads it. The UI keeps them all."""
+        text = record.getMessage()
+        return not ("PipelineError(" in text or "PipelineError:" in text
+                    or (record.levelno == logging.INFO and text.startswith("Kept ") and " rows: " in text))
+
     handlers = [h for name in ("prefect", "") for h in logging.getLogger(name).handlers
                 if isinstance(h, PrefectConsoleHandler)]
     formatters = [h.formatter for h in handlers]
     for h in handlers:
         h.setFormatter(WithoutTraceback(h.formatter))
+        h.addFilter(said_once)
     try:
         yield
     finally:
         for h, f in zip(handlers, formatters):
             h.setFormatter(f)
+            h.removeFilter(said_once)
 
 
 def _run_flow(command: str, params: dict) -> None:

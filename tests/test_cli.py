@@ -214,3 +214,22 @@ def test_an_unwritable_home_is_said_for_what_needs_it(tmp_path, tiny):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
     assert f"it keeps its database under PREFECT_HOME ({tmp_path}/home/.prefect)" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_terminal_shows_a_mistake_and_prepares_summary_once(capfd):
+    """Before: prepare --strict showed its error five times (task failed, task finished, flow
+    failed, flow finished, the command's line), and its summary twice (logged, then printed)."""
+    import logging
+
+    from lora_pipeline.flows.cli import _tracebacks_off_the_console
+
+    with _tracebacks_off_the_console():
+        log = logging.getLogger("prefect.task_runs")
+        log.error("Task run failed with exception: PipelineError('d.jsonl:21: no known chat shape')")
+        log.info("Finished in state Failed('Task run encountered an exception PipelineError: d.jsonl:21')")
+        log.info("Kept 20 of 21 rows: 19 -> o.jsonl, 1 -> o.val.jsonl\n  report: o.jsonl.report.json")
+        log.info("step 1/4  loss 3.7")
+        log.error("Task run failed with exception: EngineTimeout('Tinker did not answer') - Retry 1/2")
+    err = capfd.readouterr().err
+    assert "d.jsonl:21" not in err and "Kept 20" not in err
+    assert "step 1/4" in err and "Retry 1/2" in err  # progress and retries are still shown
