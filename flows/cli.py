@@ -13,7 +13,9 @@ import argparse
 import contextlib
 import errno
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from lora_pipeline import settings as S
@@ -45,10 +47,21 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, met like Ctrl-C: every `finally` runs (the run folder is released, the temporary
+    server stopped) and the command ends with its line, instead of vanishing without one."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     # Offline machines cannot send Prefect's telemetry; trying logs errors.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return _dispatch(a)
     except PipelineError as e:
@@ -57,9 +70,12 @@ def main(argv=None) -> int:
     except OSError as e:  # a full disk, a read-only folder: earlier files are intact
         print(f"lora-pipeline {a.command}: error: {os_error_message(a.command, e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"lora-pipeline {a.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        again = ("; run the same command again to continue from the last checkpoint"
+                 if a.command in ("train", "run", "sweep") else "")
+        print(f"lora-pipeline {a.command}: {how}{again}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 def os_error_message(command: str, e: OSError) -> str:

@@ -233,3 +233,22 @@ def test_the_terminal_shows_a_mistake_and_prepares_summary_once(capfd):
     err = capfd.readouterr().err
     assert "d.jsonl:21" not in err and "Kept 20" not in err
     assert "step 1/4" in err and "Retry 1/2" in err  # progress and retries are still shown
+
+
+def test_sigterm_ends_a_command_with_its_line(tmp_path):
+    """Before: SIGTERM ended a command without a word (and without its `finally` clauses)."""
+    import signal
+    import time
+
+    from lora_pipeline.processes import free_port
+
+    env = {**os.environ, "TINKER_API_KEY": "tml-unreachable", "TINKER_BASE_URL": f"http://127.0.0.1:{free_port()}"}
+    proc = subprocess.Popen([CLI, "inspect", "--timeout", "60"], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:  # the key is set: it now waits for the service
+        if line.startswith("TINKER_API_KEY: set"):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and err.strip() == "lora-pipeline inspect: terminated (SIGTERM)", err
