@@ -19,7 +19,10 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -103,23 +106,41 @@ class RunFolder:
     def lock_path(self) -> Path:
         return self.path.with_name(f".{self.path.name}.lock")
 
-    def lock(self) -> None:
+    def lock(self, wait: float = 0, say=None) -> None:
+        """Takes the run folder's lock. Held by another process: refused at once, or with `wait`
+        seconds, waited for, `say(message)` told every 30 s what it waits for (a re-run waits
+        for the crashed run it replaces to stop)."""
         # The folders made here, to remove again if the run never makes its folder.
         self._made = [p for p in reversed(self.path.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if holder == str(os.getpid()):
-                raise PipelineError(f"{self.path} is already open in this process: close the other "
-                                    "TrainingRun first") from None
-            raise PipelineError(f"{self.path} is in use by another lora-pipeline process (PID {holder}); "
-                                "wait for it to end, or stop it, then run this again") from None
+        started = time.monotonic()
+        told = -math.inf
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pid, _, host = os.pread(fd, 100, 0).decode(errors="replace").strip().partition(" ")
+                holder = f"PID {pid or 'unknown'}" + (f" on {host}" if host else "")
+                waited = time.monotonic() - started
+                if (pid, host) == (str(os.getpid()), socket.gethostname()):
+                    os.close(fd)
+                    raise PipelineError(f"{self.path} is already open in this process: close the other "
+                                        "TrainingRun first") from None
+                if waited >= wait:
+                    os.close(fd)
+                    raise PipelineError(f"{self.path} is in use by another lora-pipeline process ({holder})"
+                                        + (f" and was not released within {wait:g} s" if wait else "")
+                                        + "; wait for it to end, or stop it, then run this again") from None
+                if say and waited - told >= 30:
+                    told = waited
+                    say(f"waiting for {self.path}: another lora-pipeline process holds it ({holder}); "
+                        f"{waited:.0f} of at most {wait:g} s")
+                time.sleep(min(1.0, wait - waited))
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # Which process on which machine: a folder on shared storage is locked from several.
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         self._lock_fd = fd
 
     def unlock(self) -> None:

@@ -176,6 +176,9 @@ class TrainSettings(Checked, BaseModelChoice, Seeded, LengthLimit, Placement, De
               "existing run of that name with the same data and settings is continued from its last checkpoint",
         pattern=FOLDER_NAME)
     start_over: bool = setting(False, "replace an existing run folder of that name instead of continuing it")
+    lock_wait: float = setting(0.0, "seconds to wait while another process holds the run folder (0: refuse at "
+                                    "once); a re-run of a crashed run waits for the crashed process to stop",
+                               min=0, max=86400)
     backend: str = setting("auto", "local, tinker, or auto (tinker when TINKER_API_KEY is set)",
                            choices=BACKENDS, shapes_training=True)
     beta1: float = setting(0.9, "AdamW beta1", min=0, below=1, shapes_training=True)

@@ -144,9 +144,11 @@ class TrainingRun:
             resolve_device(self.settings.device)  # --device cuda without a GPU fails here
         return conversations, val_conversations
 
-    def open(self) -> "TrainingRun":
+    def open(self, say=None) -> "TrainingRun":
+        """Checks the inputs, takes the run folder (waiting up to --lock-wait, `say` told what
+        for), and makes or continues it."""
         conversations, val_conversations = self.check_inputs()
-        self.folder.lock()
+        self.folder.lock(self.settings.lock_wait, say)
         try:
             self._open(conversations, val_conversations)
         except BaseException:

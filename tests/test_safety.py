@@ -6,8 +6,10 @@ import errno
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -84,7 +86,8 @@ def test_a_second_process_on_a_run_folder_is_refused_and_touches_nothing(workspa
     (run / ".tmp-checkpoint_step_4-abc").mkdir()  # the other process's save in flight
     holder = _hold_lock(run)
     try:
-        with pytest.raises(PipelineError, match=rf"{run} is in use by another lora-pipeline process \(PID {holder.pid}\)"):
+        holding = rf"{run} is in use by another lora-pipeline process \(PID {holder.pid} on {socket.gethostname()}\)"
+        with pytest.raises(PipelineError, match=holding):
             TrainingRun(TrainSettings(data=str(data), output_dir=str(out), run_name="r", start_over=True,
                                       backend="local")).open()
         assert (run / ".tmp-checkpoint_step_4-abc").is_dir() and (run / "config.json").exists()
@@ -98,6 +101,26 @@ def test_a_second_process_on_a_run_folder_is_refused_and_touches_nothing(workspa
     folder = RunFolder(run)
     folder.lock()
     folder.unlock()
+
+
+def test_a_rerun_waits_for_the_run_folder_and_says_what_it_waits_for(tmp_path):
+    run = tmp_path / "r"
+    holder = _hold_lock(run)
+    said = []
+    try:
+        folder = RunFolder(run)
+        with pytest.raises(PipelineError, match=r"in use by another lora-pipeline process .* not released within 1 s"):
+            folder.lock(wait=1)
+        # The holder stops after 2 s; a wait of 30 s takes the folder then, and said why it waited.
+        threading.Timer(2, holder.kill).start()
+        started = time.monotonic()
+        folder.lock(wait=30, say=said.append)
+        assert 1.5 < time.monotonic() - started < 20
+        folder.unlock()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(said) == 1 and f"(PID {holder.pid} on {socket.gethostname()})" in said[0] and "of at most 30 s" in said[0]
 
 
 def test_the_resume_command_is_quoted_for_the_shell(tmp_path):
