@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from lora_pipeline.errors import PipelineError
@@ -22,59 +23,125 @@ from lora_pipeline.processes import free_port, start, stop, wait_until
 STARTUP_TIMEOUT = float(os.environ.get("LORA_PIPELINE_SERVER_TIMEOUT", "180"))
 
 
+# How many times a temporary server that dies mid-run is started again before the command gives up.
+RESTARTS = 3
+
+
 @contextlib.contextmanager
 def temporary_server():
     """Sets PREFECT_API_URL to a temporary server for the duration, unless one is set. Call it
-    before Prefect is imported: Prefect reads its settings from the environment then."""
+    before Prefect is imported: Prefect reads its settings from the environment then. A server
+    that dies mid-run is started again (see _TemporaryServer.watch)."""
     if os.environ.get("PREFECT_API_URL"):
         check_api_url(os.environ["PREFECT_API_URL"])
         yield
         return
     assert "prefect" not in sys.modules, "temporary_server() must run before Prefect is imported"
-    import importlib.util
-
-    import httpx
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    # As Prefect runs its own temporary server: no UI, the services a short-lived server needs.
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    site = Path(importlib.util.find_spec("prefect").origin).parent.parent
-    errors = tempfile.TemporaryFile()
-    server = start([sys.executable, "-m", "uvicorn", "--app-dir", site, "--factory",
-                    "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", port,
-                    "--log-level", "error", "--lifespan", "on"],
-                   env=env, stdout=subprocess.DEVNULL, stderr=errors)
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-    try:
-        wait_until("a temporary Prefect server", healthy, STARTUP_TIMEOUT, server, every=0.2)
-    except (TimeoutError, RuntimeError) as e:
-        stop(server, 5)
-        errors.seek(0)
-        said = errors.read().decode(errors="replace").strip().splitlines()
-        # The line that names the cause (an unwritable database under PREFECT_HOME, say), else the last.
-        cause = next((line for line in reversed(said) if line.startswith(("sqlalchemy.exc.", "PermissionError",
-                                                                           "OSError"))), said[-1] if said else "")
-        why = ("a busy machine can be slow to start one" if isinstance(e, TimeoutError) else
-               f"it keeps its database under PREFECT_HOME ({prefect_home()}): check that it can be written, or set "
-               "PREFECT_HOME to a folder that can")
-        raise PipelineError(f"{e}{f' ({cause.strip()})' if cause else ''}; {why}. Or start a Prefect server with "
-                            "`make server`, `export PREFECT_API_URL=http://127.0.0.1:4200/api`, and run this "
-                            "again") from None
-    finally:
-        errors.close()
-    os.environ["PREFECT_API_URL"] = url
+    server = _TemporaryServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.url
+    stopping = threading.Event()
+    # The watchdog starts the server again, so it must outlive it: a child started with a
+    # death signal gets it when the *thread* that started it ends.
+    watchdog = threading.Thread(target=server.watch, args=(stopping,), name="prefect-server-watchdog", daemon=True)
+    watchdog.start()
     try:
         yield
+    except KeyboardInterrupt:
+        if server.failed:  # the watchdog interrupted the command: say why, not "interrupted"
+            raise PipelineError(server.failed) from None
+        raise
     finally:
-        _send_pending_logs()
+        if not server.failed:
+            _send_pending_logs()
         del os.environ["PREFECT_API_URL"]
-        stop(server, 10, signal.SIGTERM)
+        stopping.set()
+        with server.lock:
+            stop(server.proc, 10, signal.SIGTERM)
+        watchdog.join(10)
+
+
+class _TemporaryServer:
+    """Prefect's own temporary server (the same uvicorn command, no UI) on a port of its own,
+    its database under PREFECT_HOME as Prefect's is."""
+
+    def __init__(self):
+        import importlib.util
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        # As Prefect runs its own temporary server: no UI, the services a short-lived server needs.
+        self.env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                    "PREFECT__SERVER_FINAL": "1"}
+        self.site = Path(importlib.util.find_spec("prefect").origin).parent.parent
+        self.proc: subprocess.Popen | None = None
+        self.failed: str | None = None  # why the watchdog gave up, for the command's last line
+        self.lock = threading.Lock()  # the watchdog's restart against the command's stop
+
+    def start(self) -> None:
+        """Starts the server and waits until it answers; a server that cannot start is one
+        line of what to do instead."""
+        import httpx
+
+        errors = tempfile.TemporaryFile()
+        self.proc = start([sys.executable, "-m", "uvicorn", "--app-dir", self.site, "--factory",
+                           "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", self.port,
+                           "--log-level", "error", "--lifespan", "on"],
+                          env=self.env, stdout=subprocess.DEVNULL, stderr=errors)
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{self.url}/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+        try:
+            wait_until("a temporary Prefect server", healthy, STARTUP_TIMEOUT, self.proc, every=0.2)
+        except (TimeoutError, RuntimeError) as e:
+            stop(self.proc, 5)
+            errors.seek(0)
+            said = errors.read().decode(errors="replace").strip().splitlines()
+            # The line that names the cause (an unwritable database under PREFECT_HOME, say), else the last.
+            cause = next((line for line in reversed(said) if line.startswith(("sqlalchemy.exc.", "PermissionError",
+                                                                               "OSError"))), said[-1] if said else "")
+            why = ("a busy machine can be slow to start one" if isinstance(e, TimeoutError) else
+                   f"it keeps its database under PREFECT_HOME ({prefect_home()}): check that it can be written, or "
+                   "set PREFECT_HOME to a folder that can")
+            raise PipelineError(f"{e}{f' ({cause.strip()})' if cause else ''}; {why}. Or start a Prefect server "
+                                "with `make server`, `export PREFECT_API_URL=http://127.0.0.1:4200/api`, and run "
+                                "this again") from None
+        finally:
+            errors.close()
+
+    def watch(self, stopping: threading.Event) -> None:
+        """A server killed mid-run (by hand, by the OOM killer) left the command stalled for
+        minutes in Prefect's client retries, then a traceback. It is started again on the same
+        port and database instead: the client's retries (connection refused is retried once it
+        has connected) carry the run's calls over the gap, and the run goes on. After RESTARTS,
+        or if it cannot start, the command is interrupted and ends with why."""
+        import _thread
+
+        restarts = 0
+        while not stopping.wait(1):
+            with self.lock:
+                code = self.proc.poll()
+                if code is None or stopping.is_set():
+                    continue
+                if restarts == RESTARTS:
+                    self.failed = (f"the temporary Prefect server stopped {restarts + 1} times (exit code {code} last); "
+                                   "the run folder is intact: run the same command again to continue, or start a "
+                                   "server with `make server` and set PREFECT_API_URL")
+                else:
+                    restarts += 1
+                    print(f"lora-pipeline: the temporary Prefect server stopped (exit code {code}); starting it "
+                          "again", file=sys.stderr, flush=True)
+                    try:
+                        self.start()
+                        continue
+                    except PipelineError as e:
+                        self.failed = (f"the temporary Prefect server stopped mid-run and could not start again "
+                                       f"({e}); the run folder is intact: run the same command again to continue")
+            _thread.interrupt_main()
+            return
 
 
 def prefect_home() -> str:

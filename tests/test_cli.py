@@ -252,3 +252,35 @@ def test_sigterm_ends_a_command_with_its_line(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143 and err.strip() == "lora-pipeline inspect: terminated (SIGTERM)", err
+
+
+@pytest.mark.slow
+def test_a_temporary_server_killed_mid_run_is_started_again_and_the_run_goes_on(tmp_path, tiny, small_data):
+    """Before: about 4 minutes of stall in Prefect's client retries, an httpx traceback, and
+    "Finished in state Running()"."""
+    import psutil
+
+    from lora_pipeline.processes import wait_until
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TINKER_API_KEY", "PREFECT_API_URL")}
+    proc = subprocess.Popen([CLI, "train", "--data", small_data, "--base-model", tiny, "--device", "cpu",
+                             "--batch", "2", "--max-steps", "12", "--save-every", "4", "--output-dir", "out",
+                             "--run-name", "r"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # the run is under way
+            if "step 2/12" in line:
+                break
+        [server] = [c for c in psutil.Process(proc.pid).children() if "uvicorn" in " ".join(c.cmdline())]
+        server.kill()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "the temporary Prefect server stopped (exit code -9); starting it again" in err
+    assert "Traceback" not in err and "Final LoRA weights:" in out
+    assert [r["step"] for r in json.loads((tmp_path / "out" / "r" / "training_log.json").read_text())] == \
+        list(range(1, 13))
+    wait_until("no server left", lambda: not [c for c in psutil.Process().children(recursive=True)
+                                              if "uvicorn" in " ".join(c.cmdline())], 15)

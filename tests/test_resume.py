@@ -237,14 +237,15 @@ def test_a_diverging_run_stops_and_saves_no_non_finite_weights(tmp_path, clean_r
         assert all(bool(v.isfinite().all()) for v in weights.values()), entry.name
 
 
-def test_a_resumed_run_keeps_its_held_out_losses_time_and_notes_true(tmp_path, clean_run):
+def test_a_resumed_run_keeps_its_held_out_losses_time_and_notes_true(tmp_path, small_data, tiny):
     """An interruption while a checkpoint's held-out loss was measured lost that loss; a resumed
     summary counted only the last process's time (tokens/s inflated); a stale failure.md stayed."""
     from lora_pipeline.run_folder import checkpoint_name
 
-    data, _ = clean_run
+    data = small_data
     val = tmp_path / "held.val.jsonl"
     val.write_bytes(b"".join(data.read_bytes().splitlines(keepends=True)[-4:]))
+    tiny_model = dict(val_data=str(val), base_model=str(tiny), device="cpu")  # seconds, not minutes
 
     def interrupted_while_measuring(run, n):
         run._save_state(checkpoint_name(n), n, f"checkpoint at step {n}")
@@ -253,11 +254,11 @@ def test_a_resumed_run_keeps_its_held_out_losses_time_and_notes_true(tmp_path, c
         run.validate(n)
 
     with pytest.raises(Crash):
-        train(TrainingRun(config(data, tmp_path, "r", val_data=str(val))).open(), save=interrupted_while_measuring)
+        train(TrainingRun(config(data, tmp_path, "r", **tiny_model)).open(), save=interrupted_while_measuring)
     run_dir = tmp_path / "r"
     assert [r["step"] for r in json.loads((run_dir / "validation_log.json").read_text())] == [0, 2]
     (run_dir / "failure.md").write_text("# lora-pipeline run failed\n")  # as the flow's failure hook leaves it
-    summary = train(TrainingRun(config(data, tmp_path, "r", val_data=str(val))).open())
+    summary = train(TrainingRun(config(data, tmp_path, "r", **tiny_model)).open())
     assert [r["step"] for r in json.loads((run_dir / "validation_log.json").read_text())] == [0, 2, 4, 6]
     assert not (run_dir / "failure.md").exists()
     steps_time = sum(r["time_s"] for r in json.loads((run_dir / "training_log.json").read_text()))
