@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= runs
 
-.PHONY: install run test test-fast lint fuzz serve server postgres pool deploy worker bench bench-install bench-gpu clean
+.PHONY: install run test test-fast test-faults lint fuzz serve server postgres pool deploy worker bench bench-install bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -29,11 +29,17 @@ run: install
 PYTEST := $(BIN)/pytest -q -n 2 --dist loadfile
 
 test: install
-	$(PYTEST)
+	$(PYTEST) -m "not faults"
 
 # The edit loop: no model training, no server (see the `slow` marker in pyproject.toml).
 test-fast: install
 	$(PYTEST) -m "not slow"
+
+# Machines dying under a running trial, across hosts in network namespaces (needs root): a
+# worker killed, a host cut off, the Prefect server and PostgreSQL restarted, Tinker unreachable.
+# One process: the faults take minutes each, mostly waiting, and must not overlap.
+test-faults: install
+	$(BIN)/pytest -q -m faults
 
 lint: install
 	$(BIN)/ruff check .
@@ -55,9 +61,11 @@ pool: install
 	@$(BIN)/prefect work-pool inspect lora-pipeline >/dev/null 2>&1 || \
 		$(BIN)/prefect work-pool create lora-pipeline --type process
 
-# Register the deployments of prefect.yaml.
+# Register the deployments of prefect.yaml, then apply automations/ (create or update by name):
+# crashed runs, alerts. LORA_PIPELINE_ALERT_WEBHOOK=URL, given once, is where alerts go.
 deploy: pool
 	$(BIN)/prefect --no-prompt deploy --all
+	$(BIN)/python -m lora_pipeline.deployments.automations
 
 # A worker of the pool; start one on each machine that has this clone at the same path.
 worker: pool
@@ -68,7 +76,7 @@ serve: install
 
 # Benchmarks write their figures to bench/results/<name>.json.
 bench: bench-install
-	for b in orchestration tinker_pipelining throughput prepare evaluate rerun service quality; do \
+	for b in orchestration tinker_pipelining throughput prepare evaluate rerun service faults quality; do \
 		$(BIN)/python bench/$$b.py || exit 1; done
 
 # TRL, which bench/quality.py compares against; `make install` leaves it out.

@@ -42,8 +42,9 @@ def server_programs() -> Path:
 class LocalPostgres:
     """A PostgreSQL server on 127.0.0.1:`port` with its data in `folder`, made on first use."""
 
-    def __init__(self, folder: str | Path, port: int = 5432):
-        self.folder, self.port = Path(folder).resolve(), port
+    def __init__(self, folder: str | Path, port: int = 5432, netns: str | None = None):
+        # netns: the network namespace to listen in (a host of its own, in the fault tests).
+        self.folder, self.port, self.netns = Path(folder).resolve(), port, netns
         self.bin = server_programs()
         self.user = SERVER_USER if os.geteuid() == 0 else None
         self.process: subprocess.Popen | None = None
@@ -73,18 +74,21 @@ class LocalPostgres:
         # SIGINT is PostgreSQL's fast shutdown: clients are disconnected, the data stays whole.
         self.process = start([self.bin / "postgres", "-D", self.folder, "-p", self.port,
                               "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.folder}"],
-                             death_signal=signal.SIGINT, user=self.user, stdout=log, stderr=subprocess.STDOUT)
+                             death_signal=signal.SIGINT, user=self.user, netns=self.netns, stdout=log,
+                             stderr=subprocess.STDOUT)
         log.close()
+        # The client programs use the server's socket in its folder: a path, reachable from any
+        # network namespace.
+        at = ["-h", self.folder, "-p", self.port]
 
         def ready() -> bool:
-            return subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
-                                  capture_output=True).returncode == 0
+            return subprocess.run([str(self.bin / "pg_isready"), *map(str, at)], capture_output=True).returncode == 0
         wait_until(f"PostgreSQL on port {self.port} (log: {self.folder / 'server.log'})", ready, timeout, self.process)
-        exists = subprocess.run([str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+        exists = subprocess.run([str(self.bin / "psql"), *map(str, at), "-U", "postgres",
                                  "-Atc", f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"],
                                 capture_output=True, text=True)
         if exists.stdout.strip() != "1":
-            self._run("createdb", "-h", "127.0.0.1", "-p", self.port, "-U", "postgres", DATABASE)
+            self._run("createdb", *at, "-U", "postgres", DATABASE)
         return self
 
     def stop(self) -> None:

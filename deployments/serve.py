@@ -37,6 +37,8 @@ def serve() -> None:
     from lora_pipeline.flows.pipeline import lora_pipeline
 
     nightly = nightly_definition()
+    # Its runs send heartbeats and fence themselves as a worker's do (prefect.yaml's job variables).
+    os.environ.update(nightly["work_pool"].get("job_variables", {}).get("env", {}))
     runner = Runner(name="lora-pipeline-nightly")  # pauses the schedule when it stops
     runner.add_flow(lora_pipeline, name="nightly", description=nightly["description"],
                     parameters=nightly["parameters"],

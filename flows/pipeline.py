@@ -3,25 +3,30 @@ CLI subcommand. Their parameters are the settings of lora_pipeline.settings, fla
 its type, default and help text: the Prefect UI's run form shows them, and `prefect deployment
 run -p name=value` sets them."""
 
+import contextlib
 import functools
 import json
+import os
 import re
 import shlex
+import sys
 import traceback
 from pathlib import Path
 
 import prefect.runtime.deployment
 from prefect import flow, get_client, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Crashed
 
 from lora_pipeline import settings as S
 from lora_pipeline.errors import PipelineError
-from lora_pipeline.engines import resolve_engine
+from lora_pipeline.engines import resolve_engine, retryable
 from lora_pipeline.prepare import prepared_path
 from lora_pipeline.report import verdict
 from lora_pipeline.run_folder import RunSummary
 from lora_pipeline.tasks import stored_in, unless_gone
 from lora_pipeline.tasks.evaluate import evaluate_adapter
+from lora_pipeline.tasks.fence import Fence, Fenced
 from lora_pipeline.tasks.prepare import prepare_data, show_data_report
 from lora_pipeline.tasks.report import write_run_report
 from lora_pipeline.tasks.train import train_adapter
@@ -45,6 +50,10 @@ def for_deployment(text: str, fields) -> str:
     return re.sub(r"(--[a-z][a-z0-9-]*)(?: (?!\()([^\s,;)`]+))?", reword, text)
 
 
+# The exit code of a flow run process that stopped itself (lora_pipeline.tasks.fence).
+EXIT_FENCED = 75
+
+
 def parameters(fields, overrides: dict | None = None):
     """Gives a `**params` flow function the keyword signature and Args docstring of `fields`
     (Prefect reads a flow's parameters, their types, defaults and descriptions from them), and
@@ -53,12 +62,28 @@ def parameters(fields, overrides: dict | None = None):
     def apply(fn):
         @functools.wraps(fn)
         def run(**params):
-            try:
-                return fn(**params)
-            except PipelineError as e:
-                if prefect.runtime.deployment.id:
-                    raise PipelineError(for_deployment(str(e), fields)) from None
-                raise
+            deployed = bool(prefect.runtime.deployment.id)
+            fence = Fence.for_this_run()
+            with fence or contextlib.nullcontext():
+                try:
+                    return fn(**params)
+                except Exception as e:
+                    # A run that is not this process's any more (fenced, or failing because it
+                    # lost the API): reporting a state would overwrite the Crashed its re-run
+                    # follows from. The process just ends, its run folder released, consistent.
+                    lost = str(e) if isinstance(e, Fenced) else fence and fence.lost()
+                    if lost:
+                        print(f"lora-pipeline: stopping this flow run: {lost}", file=sys.stderr, flush=True)
+                        os._exit(EXIT_FENCED)
+                    if deployed and isinstance(e, PipelineError):
+                        raise PipelineError(for_deployment(str(e), fields)) from None
+                    # A deployment's run that failed for a reason which may pass (the service
+                    # unreachable past every retry) ends Crashed, the state the recover
+                    # deployment re-runs; bad input, a rejected key or a bug end Failed.
+                    if deployed and retryable(e):
+                        get_run_logger().exception("failed for a reason that may pass; ending Crashed, to be re-run")
+                        return Crashed(message=f"{type(e).__name__}: {e}")
+                    raise
         run.__signature__ = S.signature(fields, overrides)
         run.__doc__ = S.docstring(fn.__doc__, fields)
         return run
@@ -112,7 +137,7 @@ def prepare(**params) -> dict:
     return report
 
 
-@flow(name="lora-pipeline-train", on_failure=[write_failure_note])
+@flow(name="lora-pipeline-train", on_failure=[write_failure_note], on_crashed=[write_failure_note])
 @parameters(S.fields_of(S.TrainSettings))
 def train(**params) -> RunSummary:
     """Train a LoRA adapter on a prepared chat JSONL file."""
@@ -145,7 +170,7 @@ def train_settings(params: dict, report: dict) -> S.TrainSettings:
     return S.build(S.TrainSettings, params, data=report["output"], val_data=report["validation"])
 
 
-@flow(name="lora-pipeline", on_failure=[write_failure_note])
+@flow(name="lora-pipeline", on_failure=[write_failure_note], on_crashed=[write_failure_note])
 @parameters(S.flat_fields(), S.PIPELINE_DEFAULTS)
 def lora_pipeline(**params) -> dict:
     """Prepare the data, train a LoRA, answer the test prompts with it and its base, report."""

@@ -14,10 +14,17 @@ import sys
 import time
 
 PR_SET_PDEATHSIG = 1
+CLONE_NEWNET = 0x40000000
 
 
-def _tie_to_parent(sig: int, parent: int, user: str | None):
+def _tie_to_parent(sig: int, parent: int, user: str | None, netns: str | None):
     def preexec() -> None:
+        if netns is not None:  # as root, before any change of user: `ip netns add NAME` made it
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                os._exit(1)
+            os.close(fd)
         if user is not None:
             import pwd
 
@@ -33,11 +40,14 @@ def _tie_to_parent(sig: int, parent: int, user: str | None):
 
 
 def start(args: list, *, death_signal: int = signal.SIGTERM, user: str | None = None,
-          **popen) -> subprocess.Popen:
+          netns: str | None = None, **popen) -> subprocess.Popen:
     """`subprocess.Popen(args, **popen)`, signalled with `death_signal` when this process
-    dies; run as `user` when given (this process must be root)."""
-    return subprocess.Popen([str(a) for a in args], preexec_fn=_tie_to_parent(death_signal, os.getpid(), user),
-                            **popen)
+    dies; run as `user` when given, and in the network namespace `netns` (a host of its own in
+    tests) when given (this process must be root for either). Entering the namespace here,
+    rather than through `ip netns exec`, keeps the death signal: a change of user after it
+    would clear it."""
+    return subprocess.Popen([str(a) for a in args],
+                            preexec_fn=_tie_to_parent(death_signal, os.getpid(), user, netns), **popen)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15, sig: int = signal.SIGTERM) -> None:

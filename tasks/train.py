@@ -8,6 +8,7 @@ from lora_pipeline.settings import TrainSettings
 from lora_pipeline.train import TrainingRun, train
 
 from . import RETRY, sdk_retries_logged, slot_of
+from .fence import Fence
 
 # The run (engine, model, optimizer) is passed between these tasks in memory: it is neither
 # hashable for a cache key nor worth persisting, hence NO_CACHE. They are called from the flow,
@@ -19,8 +20,9 @@ from . import RETRY, sdk_retries_logged, slot_of
 @sdk_retries_logged
 def start_training(settings: TrainSettings) -> TrainingRun:
     """Checks the inputs, starts the engine (a Tinker session), makes the run folder."""
-    run = TrainingRun(settings).open()
-    get_run_logger().info(run.describe())
+    logger = get_run_logger()
+    run = TrainingRun(settings).open(say=logger.info)
+    logger.info(run.describe())
     return run
 
 
@@ -93,18 +95,34 @@ def _train(settings: TrainSettings) -> RunSummary:
     backstop = None if run.backend == "local" else \
         (2 * max(run.settings.save_every, 1) + 6) * run.settings.request_timeout
     step = train_step.with_options(timeout_seconds=backstop)
+    save = save_checkpoint.with_options(timeout_seconds=backstop)
+    fence = Fence.current()
+
+    def fenced(task):
+        """`task`, once the fence has said this process may still train."""
+        def call(*args):
+            if fence:
+                fence.check()
+            return task(*args)
+        return call
 
     def step_with_progress(run: TrainingRun, n: int) -> dict:
-        record = step(run, n)
-        update_progress_artifact(progress, 100 * n / run.total_steps,
-                                 description=f"{run.run_dir.name}: step {n}/{run.total_steps}, "
-                                             f"loss {record['loss']:.4f}")
+        record = fenced(step)(run, n)
+        # A cut-off API would hold the training up in this call (the client retries for
+        # minutes), and then fail it; the fence's last poll tells whether to try.
+        if fence is None or fence.api_answers:
+            try:
+                update_progress_artifact(progress, 100 * n / run.total_steps,
+                                         description=f"{run.run_dir.name}: step {n}/{run.total_steps}, "
+                                                     f"loss {record['loss']:.4f}")
+            except Exception as e:  # the step is done and logged; its bar can wait
+                get_run_logger().warning("progress of step %d not shown: %s", n, e)
         return record
 
     progress = create_progress_artifact(
         100 * (run.first_step - 1) / run.total_steps, key="lora-pipeline-progress",
         description=f"{run.run_dir.name}: training from step {run.first_step} of {run.total_steps}")
-    summary = train(run, step=step_with_progress, save=save_checkpoint.with_options(timeout_seconds=backstop),
-                    finish=finish_training, validate=validate_base)
+    summary = train(run, step=step_with_progress, save=fenced(save), finish=fenced(finish_training),
+                    validate=validate_base)
     get_run_logger().info("final LoRA weights: %s", summary.final_lora_weights)
     return summary

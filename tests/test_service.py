@@ -8,7 +8,6 @@ import json
 import pytest
 
 from conftest import PROMPTS, ROOT, SAMPLE
-from lora_pipeline import processes
 from lora_pipeline.models import SMOLLM2, load_tokenizer
 from service_stack import ServiceStack
 from tinker_server import TinkerTestServer
@@ -42,36 +41,20 @@ def test_deploy_registers_the_deployments_on_the_process_pool(service, tinker):
              for d in service.api.post("/deployments/filter", json={}).json()}
     assert found == {("nightly", "lora-pipeline", "flows/pipeline.py:lora_pipeline"),
                      ("trial", "lora-pipeline", "flows/pipeline.py:lora_pipeline"),
-                     ("sweep", "lora-pipeline", "flows/sweep.py:lora_sweep")}
+                     ("training", "lora-pipeline", "flows/pipeline.py:lora_pipeline"),
+                     ("sweep", "lora-pipeline", "flows/sweep.py:lora_sweep"),
+                     ("recover", "lora-pipeline", "flows/recover.py:rerun_crashed")}
     nightly = service.api.get("/deployments/name/lora-pipeline/nightly").json()
     assert nightly["schedules"][0]["schedule"] == {"cron": "0 2 * * *", "timezone": "UTC", "day_or": True}
-    assert nightly["parameters"]["backend"] == "tinker"
+    assert nightly["parameters"]["backend"] == "tinker" and nightly["parameters"]["lock_wait"] == 600
+    # One at a time, queued; every run sends heartbeats and knows when it counts as crashed.
+    assert nightly["concurrency_limit"] == 1
+    assert nightly["concurrency_options"] == {"collision_strategy": "ENQUEUE"}
+    assert nightly["job_variables"]["env"] == {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+                                               "LORA_PIPELINE_CRASH_AFTER": "90"}
     # Workers run in the checkout that deployed: the pull step says where.
     assert nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
     assert tinker.api_key not in json.dumps(service.api.post("/deployments/filter", json={}).json())
-
-
-def test_a_trial_whose_worker_dies_is_resumed_by_running_it_again(service):
-    out = service.root / "trial"
-    params = dict(max_steps=8, save_every=2, max_tokens=4, output_dir=str(out), test_prompts=str(PROMPTS))
-    first = service.run("lora-pipeline/trial", **params)
-
-    def logged() -> list[int]:
-        log = next(out.glob("lora_*/training_log.json"), None)
-        return [r["step"] for r in json.loads(log.read_text() or "[]")] if log else []
-    processes.wait_until("three training steps", lambda: len(logged()) >= 3, 300, every=0.5)
-    name = service.worker_running_a_flow()
-    service.kill_worker(name)
-    assert service.state(first)["type"] == "RUNNING" and len(logged()) < 8
-    service.start_worker("worker-spare")
-
-    again = service.run("lora-pipeline/trial", **params)
-    assert service.wait(again, 400)["type"] == "COMPLETED", service.logs(again)[-20:]
-    said = " ".join(service.logs(again))
-    assert "continuing after step" in said and "continuing after step 0 " not in said
-    [run_dir] = out.glob("lora_*")
-    assert logged() == list(range(1, 9))
-    assert (run_dir / "report.html").exists() and (run_dir / "final_lora_weights" / "adapter_model.safetensors").exists()
 
 
 def test_a_tinker_sweep_fans_out_over_the_workers_within_its_concurrency_limit(service, tinker, small):
@@ -83,9 +66,9 @@ def test_a_tinker_sweep_fans_out_over_the_workers_within_its_concurrency_limit(s
                            request_timeout=30.0)
     assert service.wait(flow_run, 600)["type"] == "COMPLETED", service.logs(flow_run)[-20:]
     children = service.children(flow_run)
-    nightly = service.api.get("/deployments/name/lora-pipeline/nightly").json()["id"]
+    training = service.api.get("/deployments/name/lora-pipeline/training").json()["id"]
     assert len(children) == 4 and all(c["state"]["type"] == "COMPLETED" for c in children)
-    assert {c["deployment_id"] for c in children} == {nightly}  # runs of the nightly deployment, on workers
+    assert {c["deployment_id"] for c in children} == {training}  # runs of the training deployment, on workers
     # Each training applied each of its 3 steps once, on the service.
     # (the sessions that load a final state to download its adapter are not trainings)
     trained = [tinker.runs[r] for r in set(tinker.runs) - before if tinker.runs[r].resumed_from is None]
@@ -118,3 +101,14 @@ def test_a_local_sweep_trains_one_configuration_at_a_time(service, small):
     assert first[1] <= second[0], spans  # the second started after the first had ended
     [report] = out.glob("sweep_*/sweep_report.html")
     assert report.read_text().count("(best)") == 1
+
+
+def test_a_second_deploy_keeps_one_copy_of_each_automation(service):
+    def names() -> list[str]:
+        return sorted(a["name"] for a in service.api.post("/automations/filter", json={}).json())
+    first = names()
+    assert {"lora-pipeline: a run whose heartbeats stop is Crashed", "lora-pipeline: alert on a run no worker takes",
+            "recover__automation_1"} <= set(first)
+    service.prefect("--no-prompt", "deploy", "--all", cwd=ROOT)
+    assert "updated  lora-pipeline: a run whose heartbeats stop is Crashed" in service.apply_automations()
+    assert names() == first and len(set(first)) == len(first)

@@ -327,7 +327,7 @@ class _Server(ThreadingHTTPServer):
         self.owner = owner
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__((owner.host, 0), _Handler)
 
     def process_request(self, request, client_address):  # type: ignore[override]
         with self._conns_lock:
@@ -398,7 +398,9 @@ class TinkerTestServer:
         sample_margin: float = 20.0,
         retrieve_futures: bool = True,
         tokenizers: dict[str, Callable[[], Any]] | None = None,
+        host: str = "127.0.0.1",  # another address: reachable from the fault tests' hosts
     ):
+        self.host = host
         self.models: list[str] = list(models if models is not None else DEFAULT_MODELS)
         self.max_rank = max_rank
         self.vocab_sizes = {**DEFAULT_VOCAB_SIZES, **(vocab_sizes or {})}
@@ -479,7 +481,7 @@ class TinkerTestServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     # ----- test controls ---------------------------------------------------------------
 
