@@ -148,6 +148,100 @@ def case(r: random.Random, folder: Path, renderer=None) -> dict:
     return {"rows": rows_in, "kept": report["kept"], **Counter(report["dropped"])}
 
 
+# What a --dataset and an --output can be besides a file: the kinds that hung (a device, a FIFO,
+# a link to one) or lost data (the output on the input, on a device, through a link).
+INPUT_KINDS = ["file", "held-out file", "fifo", "link to /dev/zero", "link to the file", "folder",
+               "folder with a fifo", "/dev/null"]
+OUTPUT_KINDS = ["new", "existing file", "the input", "the input's held-out split", "link to the input",
+                "folder", "fifo", "link to /dev/null", "inside the input folder", "link to a folder"]
+
+
+PATH_CASES = "path cases "  # the totals' keys of path_case's outcomes, apart from rows' reasons
+
+
+def path_case(r: random.Random, folder: Path) -> tuple[str, str, str]:
+    """One random --dataset and --output of those kinds through the CLI's check and prepare:
+    either prepare writes regular files and the input is intact, or it refuses at once with one
+    line and nothing changed. Never a hang: a FIFO opened or a device read is a failure here.
+    Returns "written" or "refused"."""
+    import os
+    import stat
+    import threading
+
+    from lora_pipeline.errors import PipelineError
+    from lora_pipeline.settings import PrepareSettings
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    rows = b"".join(json.dumps(row).encode() + b"\n" for row in [ANCHOR, good_row(r), good_row(r), good_row(r)])
+    kind_in, kind_out = r.choice(INPUT_KINDS), r.choice(OUTPUT_KINDS)
+    data = folder / ("mine.val.jsonl" if kind_in == "held-out file" else "mine.jsonl")
+    data.write_bytes(rows)
+    dataset = {"fifo": folder / "pipe.jsonl", "link to /dev/zero": folder / "zero.jsonl",
+               "link to the file": folder / "link.jsonl", "folder": folder / "in",
+               "folder with a fifo": folder / "in", "/dev/null": Path("/dev/null")}.get(kind_in, data)
+    if kind_in == "fifo":
+        os.mkfifo(dataset)
+    elif kind_in == "link to /dev/zero":
+        dataset.symlink_to("/dev/zero")
+    elif kind_in == "link to the file":
+        dataset.symlink_to(data)
+    elif kind_in.startswith("folder"):
+        dataset.mkdir()
+        (dataset / "part.jsonl").write_bytes(rows)
+        if kind_in == "folder with a fifo":
+            os.mkfifo(dataset / "more.jsonl")
+    output = {"new": folder / "out.jsonl", "existing file": folder / "old.jsonl", "the input": dataset,
+              "the input's held-out split": folder / "mine.jsonl", "link to the input": folder / "out-link.jsonl",
+              "folder": folder / "out-folder", "fifo": folder / "out-pipe.jsonl", "link to /dev/null": folder / "null",
+              "inside the input folder": (dataset if dataset.is_dir() else folder) / "part.jsonl",
+              "link to a folder": folder / "dir-link"}[kind_out]
+    if kind_out == "existing file":
+        output.write_text("an earlier output\n")
+    elif kind_out == "link to the input":
+        output.symlink_to(dataset)
+    elif kind_out == "folder":
+        output.mkdir()
+    elif kind_out == "fifo":
+        os.mkfifo(output)
+    elif kind_out == "link to /dev/null":
+        output.symlink_to("/dev/null")
+    elif kind_out == "link to a folder":
+        output.symlink_to(folder)
+
+    def state() -> dict:
+        return {str(p): (os.lstat(p).st_mode, p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+                for p in [*folder.rglob("*"), Path("/dev/null")]}
+    before, outcome = state(), {}
+
+    def attempt() -> None:
+        try:
+            PrepareSettings(dataset=str(dataset), output=str(output), max_length=None).check()
+            outcome["report"] = prepare(str(dataset), "train", output, val_fraction=0.3)
+        except PipelineError as e:
+            outcome["refused"] = str(e)
+        except BaseException as e:
+            outcome["error"] = e
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), f"prepare hung on --dataset {kind_in} --output {kind_out}"
+    assert "error" not in outcome, (kind_in, kind_out, outcome)
+    inputs = [data] + ([dataset / "part.jsonl"] if dataset.is_dir() else [])
+    assert all(f.read_bytes() == rows for f in inputs if f != output or "refused" in outcome), (kind_in, kind_out)
+    if "refused" in outcome:
+        assert "\n" not in outcome["refused"] and state() == before, (kind_in, kind_out, outcome["refused"])
+        return "refused", kind_in, kind_out
+    report = outcome["report"]
+    for written in [Path(report["output"]), Path(report["output"] + ".report.json")] + \
+            ([Path(report["validation"])] if report["validation"] else []):
+        assert stat.S_ISREG(os.lstat(written).st_mode), (kind_in, kind_out, written)
+    for path, (mode, _) in before.items():  # nothing that was not a regular file was replaced
+        if not stat.S_ISREG(mode):
+            assert os.lstat(path).st_mode == mode, (kind_in, kind_out, path)
+    return "written", kind_in, kind_out
+
+
 def fuzz(seed: int, cases: int | None = None, seconds: float | None = None, with_tokens: bool = True) -> Counter:
     """Run cases until `cases` or `seconds` is reached; the totals, "cases" among them."""
     renderer = None
@@ -161,6 +255,8 @@ def fuzz(seed: int, cases: int | None = None, seconds: float | None = None, with
         while (cases is None or totals["cases"] < cases) and (seconds is None or time.monotonic() - started < seconds):
             try:
                 totals.update(case(r, Path(tmp), renderer))
+                if totals["cases"] % 4 == 0:  # and now and then, paths that are not plain files
+                    totals[PATH_CASES + path_case(r, Path(tmp) / "paths")[0]] += 1
             except BaseException:
                 kept = Path(tempfile.gettempdir()) / "lora-pipeline-fuzz-failure.jsonl"
                 if (Path(tmp) / "in.jsonl").exists():
@@ -177,9 +273,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=int(time.time()))
     a = parser.parse_args()
     totals = fuzz(a.seed, seconds=a.seconds)
-    reasons = {k: v for k, v in totals.items() if k not in ("cases", "rows", "kept")}
+    reasons = {k: v for k, v in totals.items() if k not in ("cases", "rows", "kept") and not k.startswith(PATH_CASES)}
     print(f"fuzz (seed {a.seed}): {totals['cases']} cases, {totals['rows']} rows in {a.seconds:.0f} s; "
-          f"{totals['kept']} kept, {sum(reasons.values())} dropped; no traceback, every row accounted for")
+          f"{totals['kept']} kept, {sum(reasons.values())} dropped; no traceback, every row accounted for; "
+          f"{totals[PATH_CASES + 'written']} odd paths written to and {totals[PATH_CASES + 'refused']} refused, "
+          "none hung or lost a byte")
     for reason, n in sorted(reasons.items(), key=lambda x: -x[1]):
         print(f"  {n:6d}  {reason}")
 
