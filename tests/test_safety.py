@@ -329,3 +329,40 @@ def test_tinker_with_its_tokenizer_out_of_reach_is_said_at_once(monkeypatch):
                                             r"in the Hugging Face cache, and the hub cannot be reached"):
         resolve_engine("tinker", None)  # the default model
     assert time.monotonic() - started < 10
+
+
+# The settings that may differ when a run folder is continued: where it goes, how often it saves,
+# where it computes, how long a call or a wait may take (--data and --val-data count by content).
+# Every other setting shapes the results, and a resume must refuse a change of it.
+MAY_CHANGE_ON_RESUME = {"data", "val_data", "output_dir", "run_name", "start_over", "save_every", "device", "dtype",
+                        "request_timeout", "concurrency_limit", "lock_wait"}
+
+
+def test_every_setting_is_checked_on_resume_or_known_not_to_shape_results():
+    import dataclasses
+
+    from lora_pipeline.settings import resume_keys
+
+    unchecked = {f.name for f in dataclasses.fields(TrainSettings)} - set(resume_keys(TrainSettings))
+    assert unchecked <= MAY_CHANGE_ON_RESUME, unchecked - MAY_CHANGE_ON_RESUME
+
+
+def test_a_change_of_any_setting_that_shapes_results_is_refused_on_resume(workspace, tiny):
+    import dataclasses
+    import shutil
+
+    from lora_pipeline.settings import resume_keys
+
+    tmp_path, out, data = workspace
+    other_model = shutil.copytree(tiny, tmp_path / "other-model")
+    changed = {"base_model": str(other_model), "seed": 1, "max_length": 512, "on_overflow": "drop", "batch": 3,
+               "max_steps": 7, "rank": 8, "learning_rate": 2e-4, "beta1": 0.8, "beta2": 0.9, "eps": 1e-7,
+               "weight_decay": 0.01}
+    # The backend is recorded as resolved: "auto" without a key is "local", the same engine.
+    assert set(changed) | {"backend"} == set(resume_keys(TrainSettings))
+    first = TrainSettings(data=str(data), output_dir=str(out), run_name="r", base_model=str(tiny), backend="local",
+                          device="cpu", batch=2, max_steps=3)
+    TrainingRun(first).open().close()
+    for key, value in changed.items():
+        with pytest.raises(PipelineError, match=rf"was trained with other data or settings \({key} .*--start-over"):
+            TrainingRun(dataclasses.replace(first, **{key: value})).open()
