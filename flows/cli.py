@@ -92,7 +92,7 @@ def os_error_message(command: str, e: OSError) -> str:
         errno.EACCES: f"permission denied. Choose a folder you can write to with {option}.",
         errno.EPERM: f"the operation is not permitted. Choose a folder you can write to with {option}.",
         errno.EROFS: f"the file system is read-only. Choose another {option}.",
-        errno.EEXIST: f"something is already there. Remove it, or choose another {option}.",
+        errno.EEXIST: f"something that is not a folder is already there. Choose another {option}.",
         errno.ENOTDIR: f"part of that path is a file, not a folder. Choose another {option}.",
         errno.EISDIR: f"that is a folder, not a file. Give a file path with {option}.",
         errno.ELOOP: f"a symbolic link is in the way, which lora-pipeline does not follow. Choose another {option}.",

@@ -27,9 +27,16 @@ BOM = b"\xef\xbb\xbf"
 
 
 def _kind(mode: int) -> str:
-    return ("a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "not a regular file")
+    """What a file's mode says it is, in words."""
+    if stat.S_ISREG(mode):
+        return "a file"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
 
 
 def check_input_file(path: str | Path, flag: str, *, folder_ok: bool = False, empty_ok: bool = False) -> Path:
@@ -74,6 +81,19 @@ def check_output_file(path: str | Path, flag: str, inputs: list[str | Path] = ()
     if path.is_symlink():  # the rename would replace the link, not write where it points
         raise PipelineError(f"{named}: is a symbolic link, which lora-pipeline does not write through; "
                             f"give the path of a new or regular file with {flag}")
+
+
+def check_output_folder(path: str | Path, flag: str) -> None:
+    """Refuse a folder to write in that is a file or a device, or lies under one: mkdir would
+    fail with "file exists", which reads as advice to remove the user's file."""
+    path = Path(path).expanduser()
+    for folder in [path, *path.parents]:
+        if folder.exists():  # links followed: a link to a folder is a folder to write in
+            if not folder.is_dir():
+                what = "is" if folder == path else f"lies under {folder}, which is"
+                raise PipelineError(f"{flag} {path}: {what} {_kind(folder.stat().st_mode)}, not a folder; "
+                                    f"choose another {flag}")
+            return
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:

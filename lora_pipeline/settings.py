@@ -189,6 +189,13 @@ class TrainSettings(Checked, BaseModelChoice, Seeded, LengthLimit, Placement, De
         None, "a Prefect global concurrency limit to hold a slot of while training (a sweep through a "
               "deployment sets it, so that its trainings on the workers are bounded)")
 
+    def check(self) -> None:
+        """The numbers and choices, and that --output-dir is a folder or can be one."""
+        super().check()
+        from .data import check_output_folder
+
+        check_output_folder(self.output_dir, "--output-dir")
+
 
 @dataclass(kw_only=True)
 class SampleSettings(Checked, BaseModelChoice, Seeded, Placement, Deadline):
@@ -201,9 +208,6 @@ class SampleSettings(Checked, BaseModelChoice, Seeded, Placement, Deadline):
     temperature: float = setting(0.7, "sampling temperature (0: greedy)", min=0)
     compare_base: bool = setting(False, "also answer with the base model, side by side")
 
-
-@dataclass(kw_only=True)
-class EvaluateSettings(SampleSettings):
     def check(self) -> None:
         """The numbers and choices, and that a --test-prompts file is a file: a pipeline checks
         this before it prepares and trains, not after."""
@@ -213,6 +217,9 @@ class EvaluateSettings(SampleSettings):
 
             check_input_file(self.test_prompts, "--test-prompts")
 
+
+@dataclass(kw_only=True)
+class EvaluateSettings(SampleSettings):
     """`lora-pipeline test`: the sampling settings, plus which adapter and where to write."""
     lora_weights: str = setting(help="a run's final_lora_weights/ or checkpoint folder")
     output: str = setting("lora_test_results.json", "the results JSON to write")

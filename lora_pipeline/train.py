@@ -119,6 +119,10 @@ class TrainingRun:
                   "data_sha256": file_sha256(Path(s.data)), "val_data": val_data and os.path.abspath(val_data),
                   "val_data_sha256": val_data and file_sha256(Path(val_data)),
                   "backend_requested": s.backend, "backend": self.backend, "base_model": self.base_model}
+        if val_data and config["val_data_sha256"] == config["data_sha256"]:
+            raise PipelineError(f"--val-data {val_data}: holds the same conversations as --data {s.data}; a held-out "
+                                "loss on training data would say nothing of generalising. Give held-out data "
+                                "(prepare splits it off with --val-fraction)")
         del config["start_over"]
         # Absolute, but links not followed: a run folder that is a link is refused, not written through.
         config["run_dir"] = os.path.abspath(Path(s.output_dir) / (s.run_name or run_folder_name(config)))
@@ -169,8 +173,6 @@ class TrainingRun:
         picked = np.random.default_rng(s.seed).permutation(len(self.examples))[:len(self.val_examples)]
         self.train_sample = [self.examples[j] for j in sorted(picked)]
         if len(self.examples) < s.batch:
-            raise PipelineError(f"--data {s.data}: {len(self.examples)} usable examples, fewer than "
-                                f"one batch of {s.batch}; lower --batch or add data")
             dropped = self.render_report.dropped
             if any("length" in reason or reason.startswith("longer than") for reason in dropped):
                 # The length limit dropped them, not the data's size: say which to change.
@@ -179,6 +181,8 @@ class TrainingRun:
                                     f"usable at --max-length {s.max_length} ({reasons}), fewer than one batch "
                                     f"of {s.batch}; raise --max-length (or keep long examples with --on-overflow "
                                     "truncate)")
+            raise PipelineError(f"--data {s.data}: {len(self.examples)} usable examples, fewer than "
+                                f"one batch of {s.batch}; lower --batch or add data")
         self.steps_per_epoch = len(self.examples) // s.batch
         self.total_steps = s.max_steps or self.steps_per_epoch
         if resuming:
@@ -261,13 +265,13 @@ class TrainingRun:
         self.val_log = [r for r in self.folder.read_val_log() if r["step"] <= done]
         self.first_step = done + 1
         self.done = done
-        self.notes.append(f"continuing after step {done} of {self.total_steps}" if done
-                          else "no usable checkpoint: starting from step 1")
         # The summary's time is the training's, not this process's alone (tokens/s read 3x too
         # high after a resume): the earlier processes' steps count, as their log recorded them.
         self.started -= sum(r["time_s"] for r in self.log)
         if any(e.step == done and e.is_checkpoint for e in self.saved):
             self.validate(done)  # an interruption during the checkpoint's measure lost it; no-op if kept
+        self.notes.append(f"continuing after step {done} of {self.total_steps}" if done
+                          else "no usable checkpoint: starting from step 1")
 
     def _new_engine(self):
         s = self.settings
@@ -476,10 +480,10 @@ class TrainingRun:
             best=best, time_s=round(time.monotonic() - self.started, 2),
             final_sha256=folder_sha256(self.run_dir / FINAL))
         self.folder.write_summary(summary)
-        return summary
-
         # A failure note of an earlier process no longer holds: the run has finished.
         (self.run_dir / "failure.md").unlink(missing_ok=True)
+        return summary
+
 
 def train(run: TrainingRun, step=TrainingRun.step, save=TrainingRun.save_checkpoint,
           finish=TrainingRun.finish, validate=TrainingRun.validate) -> RunSummary:

@@ -136,7 +136,7 @@ def test_the_resume_command_is_quoted_for_the_shell(tmp_path):
 
 @pytest.mark.parametrize("code, command, said", [
     (errno.ENOSPC, "train", "the disk is full. Free space, or choose another --output-dir. Earlier files"),
-    (errno.EEXIST, "prepare", "something is already there. Remove it, or choose another --output."),
+    (errno.EEXIST, "prepare", "something that is not a folder is already there. Choose another --output."),
     (errno.ENOTDIR, "prepare", "part of that path is a file, not a folder. Choose another --output."),
     (errno.ELOOP, "train", "a symbolic link is in the way, which lora-pipeline does not follow"),
     (errno.EACCES, "run", "permission denied. Choose a folder you can write to with --output-dir."),
@@ -366,3 +366,25 @@ def test_a_change_of_any_setting_that_shapes_results_is_refused_on_resume(worksp
     for key, value in changed.items():
         with pytest.raises(PipelineError, match=rf"was trained with other data or settings \({key} .*--start-over"):
             TrainingRun(dataclasses.replace(first, **{key: value})).open()
+
+
+@pytest.mark.parametrize("output_dir", ["precious.txt", "precious.txt/runs", "/dev/null"])
+def test_an_output_dir_that_is_a_file_or_under_one_is_refused_without_remove_it(workspace, output_dir):
+    """Before: "something is already there. Remove it", of the user's own file (or /dev/null)."""
+    tmp_path, out, data = workspace
+    with pytest.raises(PipelineError, match=r"--output-dir .*(is|lies under .*, which is) a (file|device), "
+                                            r"not a folder; choose another --output-dir"):
+        TrainingRun(TrainSettings(data=str(data), output_dir=str(tmp_path / output_dir) if output_dir[0] != "/"
+                                  else output_dir, backend="local")).open()
+    assert untouched(tmp_path)
+
+
+def test_held_out_data_that_is_the_training_data_is_refused(workspace):
+    """A held-out loss measured on the training data would say the LoRA generalises when it may not."""
+    tmp_path, out, data = workspace
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(data.read_bytes())
+    for val in (data, copy):
+        with pytest.raises(PipelineError, match="holds the same conversations as --data"):
+            TrainingRun(TrainSettings(data=str(data), val_data=str(val), output_dir=str(out), backend="local")).open()
+    assert untouched(tmp_path) and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
