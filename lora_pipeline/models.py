@@ -92,7 +92,8 @@ def resolve_local_model(base_model: str) -> str:
     return str(path) if path.exists() else base_model
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) answers a connection within 5 s."""
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
         socket.create_connection((host, 443), timeout=5).close()
@@ -134,7 +135,7 @@ def load_from(base_model: str, what: str, load, hint: str = ""):
     except Exception:  # not in the Hugging Face cache; the hub may still have it
         pass
     # Without this check the hub client retries for a minute or more before failing.
-    if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE") or not hub_reachable():
         raise PipelineError(f"--base-model {base_model}: not a local folder, its {what} is not in the Hugging Face "
                             f"cache, and the hub cannot be reached; connect to the network (or unset HF_HUB_OFFLINE), "
                             f"or give a model folder{hint}")

@@ -5,6 +5,7 @@ counted in `<output>.report.json`; `strict` fails on the first one instead.
 """
 
 import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -225,8 +226,6 @@ def _rows(dataset: str, split: str, config_name: str | None):
                 for n, row in enumerate(ds, start=1):
                     yield f"{f.name}:row {n}", row, None
             return
-        if not path.exists() and (dataset.endswith(tuple(LOCAL_FORMATS)) or dataset.startswith((".", "/", "~"))):
-            raise PipelineError(f"--dataset {dataset}: file not found")
         ds = datasets.load_dataset(str(path) if hub_layout else dataset, config_name, split=split, streaming=True)
         for n, row in enumerate(ds, start=1):
             yield f"{split} row {n}", row, None
@@ -258,9 +257,18 @@ def _sample(rows, max_examples: int | None, first: bool, seed: int):
 
 
 def local_inputs(dataset: str) -> list[Path]:
-    """The local files a --dataset names, checked to be regular files (none for a hub id)."""
+    """The local files a --dataset names, checked to be regular files (none for a hub id, whose
+    hub is checked to answer: streaming from an unreachable one took a minute of retries)."""
     path = Path(dataset).expanduser()
     if not path.exists() and not path.is_symlink():
+        if dataset.endswith(tuple(LOCAL_FORMATS)) or dataset.startswith((".", "/", "~")):
+            raise PipelineError(f"--dataset {dataset}: file not found")
+        from .models import hub_reachable
+
+        if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE") or not hub_reachable():
+            raise PipelineError(f"--dataset {dataset}: no such local file or folder, and the Hugging Face hub, "
+                                "where a dataset id is read from, cannot be reached; connect to the network (or "
+                                "unset HF_HUB_OFFLINE), or give a local file")
         return []
     if path.is_dir() and ((path / "data").is_dir() or (path / "README.md").exists()):  # a hub layout
         return [p for p in path.rglob("*") if p.is_file()]

@@ -416,3 +416,15 @@ def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
     report = prepare(str(array), "train", tmp_path / "out.jsonl", val_fraction=0)
     assert report["rows_read"] == report["kept"] == 10
     assert len(read_chat_jsonl(src)) == 3  # training reads a prepared file saved with a BOM alike
+
+
+def test_a_hub_dataset_with_the_hub_out_of_reach_is_said_at_once(tmp_path, monkeypatch):
+    """Before: a minute of the hub client's retries before the error."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match="--dataset someone/some-dataset: no such local file or folder, and the "
+                                            "Hugging Face hub, where a dataset id is read from, cannot be reached"):
+        prepare("someone/some-dataset", "train", tmp_path / "out.jsonl")
+    assert time.monotonic() - started < 5 and not (tmp_path / "out.jsonl").exists()

@@ -134,6 +134,8 @@ def test_every_number_is_bounded_or_known_to_be_harmless_at_any_size(cls, tmp_pa
     """--seed 2**64 was a traceback from torch; a huge --request-timeout one from the OS's timers."""
     required = {f.name: str(tmp_path / f.name) for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING}
+    (tmp_path / "dataset").mkdir()  # an input that is there: the numbers are what is tried
+    (tmp_path / "dataset" / "rows.jsonl").write_text("{}\n")
     passed = set()
     for f in dataclasses.fields(cls):
         kind = f.type if f.type in (int, float) else next(
