@@ -190,9 +190,28 @@ def test_a_run_that_fails_for_good_is_not_re_run_and_alerts(stack, webhook, data
     [alert] = processes.wait_until("the alert", lambda: webhook.about(name), 120, every=1)
     assert f"lora-pipeline/trial run {name} failed: " in alert and "no-such-model" in alert
     assert f"/runs/flow-run/{run}" in alert  # the run's page in the UI
-    assert f"prefect deployment run lora-pipeline/trial -p dataset={data}" in alert
+    assert "continues after its last checkpoint: prefect deployment run lora-pipeline/trial -p " in alert
+    assert f" -p dataset={data}" in alert and " -p lock_wait" not in alert  # the parameters it was given
     time.sleep(5)  # a recover run would have started by now
     assert not stack.api.post("/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"first-run:{name}"]}}}).json()
+
+
+def test_a_run_that_crashed_on_its_last_attempt_is_failed_and_alerts(stack, webhook, data):
+    trial = stack.api.get("/deployments/name/lora-pipeline/trial").json()
+    # A third attempt, as the recover deployment started it (due tomorrow: no worker takes it)...
+    tomorrow = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86400))
+    run = stack.api.post(f"/deployments/{trial['id']}/create_flow_run", json={
+        "name": "stubborn-run-attempt-3", "tags": ["attempt:3/3", "first-run:stubborn-run"],
+        "parameters": {"dataset": str(data), "output_dir": str(stack.root / "stubborn")},
+        "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": tomorrow}}}).json()["id"]
+    # ...crashes (here: marked so by hand, as the heartbeat automation does).
+    stack.api.post(f"/flow_runs/{run}/set_state", json={
+        "state": {"type": "CRASHED", "message": "No heartbeat for 90 s"}, "force": True})
+    state = processes.wait_until("the run failed", lambda: (s := stack.state(run))["type"] == "FAILED" and s, 120)
+    assert state["message"].startswith("Crashed on attempt 3 of 3 (No heartbeat for 90 s); not re-run again")
+    [alert] = processes.wait_until("the alert", lambda: webhook.about("stubborn-run-attempt-3"), 120, every=1)
+    assert "failed: Crashed on attempt 3 of 3" in alert
+    assert not stack.api.post("/flow_runs/filter", json={"flow_runs": {"name": {"any_": ["stubborn-run-attempt-4"]}}}).json()
 
 
 def test_a_run_no_worker_takes_alerts_and_is_cancelled(stack, webhook, data):
