@@ -40,9 +40,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a Tinker checkpoint as a PEFT adapter folder (download)")
     p.add_argument("source", help="a run folder (its final weights), a checkpoint folder, or a tinker:// path")
     p.add_argument("--output", required=True, help="the folder to write the adapter into")
-    S.add_flags(p, S.fields_of(S.Deadline))
+    S.add_flags(p, S.fields_of(S.ExportSettings))
     p = sub.add_parser("inspect", help="the Tinker SDK, its methods and the service's models")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the service")
+    S.add_flags(p, S.fields_of(S.InspectSettings))
     sub.add_parser("serve", help="serve the lora-pipeline/nightly deployment (needs PREFECT_API_URL)")
     return ap
 
@@ -148,12 +148,14 @@ def _dispatch(a) -> int:
     if a.command == "inspect":
         from lora_pipeline.inspect_tinker import inspect
 
+        S.InspectSettings(timeout=a.timeout).check()
         for line in inspect(a.timeout):
             print(line, flush=True)
         return 0
     if a.command == "export":
         from lora_pipeline.export import export
 
+        S.ExportSettings(request_timeout=a.request_timeout).check()
         print(f"PEFT adapter: {export(a.source, a.output, a.request_timeout)}")
         return 0
     if a.command == "serve":

@@ -284,3 +284,18 @@ def test_a_temporary_server_killed_mid_run_is_started_again_and_the_run_goes_on(
         list(range(1, 13))
     wait_until("no server left", lambda: not [c for c in psutil.Process().children(recursive=True)
                                               if "uvicorn" in " ".join(c.cmdline())], 15)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "tinker://r/weights/x", "--output", "e", "--request-timeout", "inf"],
+     "--request-timeout (request_timeout) inf: must be a finite number"),
+    (["export", "tinker://r/weights/x", "--output", "e", "--request-timeout", "1e300"],
+     "--request-timeout (request_timeout) 1e+300: must be at most 86400"),
+    (["inspect", "--timeout", "inf"], "--timeout (timeout) inf: must be a finite number"),
+    (["inspect", "--timeout", "0"], "--timeout (timeout) 0.0: must be above 0"),
+])
+def test_export_and_inspect_deadlines_are_checked_like_every_setting(tmp_path, args, message):
+    """Before: an OverflowError traceback from the OS's timers (export), or a query error (inspect)."""
+    env = {**os.environ, "TINKER_API_KEY": "tml-test", "TINKER_BASE_URL": "http://127.0.0.1:9"}
+    r = subprocess.run([CLI, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == f"lora-pipeline {args[0]}: error: {message}", r.stderr

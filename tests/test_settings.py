@@ -129,7 +129,8 @@ UNBOUNDED_OK = {"batch", "max_steps", "rank", "save_every", "max_length", "max_e
                 "local_trainings"}
 
 
-@pytest.mark.parametrize("cls", [S.PrepareSettings, S.TrainSettings, S.EvaluateSettings, S.SweepSettings])
+@pytest.mark.parametrize("cls", [S.PrepareSettings, S.TrainSettings, S.EvaluateSettings, S.SweepSettings,
+                                 S.ExportSettings, S.InspectSettings])
 def test_every_number_is_bounded_or_known_to_be_harmless_at_any_size(cls, tmp_path):
     """--seed 2**64 was a traceback from torch; a huge --request-timeout one from the OS's timers."""
     required = {f.name: str(tmp_path / f.name) for f in dataclasses.fields(cls)
