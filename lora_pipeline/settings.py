@@ -233,7 +233,7 @@ class SweepSettings(Checked):
     rank: tuple[int, ...] = setting((16,), "LoRA ranks to try (e.g. 8,16)", min=1)
     deployment: str | None = setting(
         None, "run each training as a run of this deployment of the lora-pipeline flow (e.g. "
-              "lora-pipeline/nightly), so that the work pool's workers share them; default: in this process")
+              "lora-pipeline/training), so that the work pool's workers share them; default: in this process")
     tinker_sessions: int = setting(4, "at most this many of its trainings on Tinker at once", min=1)
     local_trainings: int = setting(1, "at most this many of its trainings on the local engine at once (a "
                                       "local training uses every core)", min=1)
