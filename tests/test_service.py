@@ -48,8 +48,8 @@ def test_deploy_registers_the_deployments_on_the_process_pool(service, tinker):
     assert nightly["schedules"][0]["schedule"] == {"cron": "0 2 * * *", "timezone": "UTC", "day_or": True}
     assert nightly["parameters"]["backend"] == "tinker" and nightly["parameters"]["lock_wait"] == 600
     # One at a time, queued; every run sends heartbeats and knows when it counts as crashed.
-    assert nightly["concurrency_limit"] == 1
-    assert nightly["concurrency_options"] == {"collision_strategy": "ENQUEUE"}
+    assert nightly["global_concurrency_limit"]["limit"] == 1
+    assert nightly["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     assert nightly["job_variables"]["env"] == {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
                                                "LORA_PIPELINE_CRASH_AFTER": "90"}
     # Workers run in the checkout that deployed: the pull step says where.
