@@ -60,8 +60,8 @@ def main(argv=None) -> int:
     a = parser().parse_args(argv)
     # Offline machines cannot send Prefect's telemetry; trying logs errors.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    earlier = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         return _dispatch(a)
     except PipelineError as e:
@@ -76,6 +76,9 @@ def main(argv=None) -> int:
                  if a.command in ("train", "run", "sweep") else "")
         print(f"lora-pipeline {a.command}: {how}{again}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if on_main_thread:  # main() called in a process of another's (a test) leaves it as it was
+            signal.signal(signal.SIGTERM, earlier)
 
 
 def os_error_message(command: str, e: OSError) -> str:

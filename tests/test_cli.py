@@ -12,6 +12,17 @@ import pytest
 CLI = str(Path(sys.executable).parent / "lora-pipeline")
 
 
+def in_process(*args, cwd, monkeypatch) -> int:
+    """The command's exit code, run by main() in this process, offline as `cli` runs it: for
+    mistakes found before any server or flow starts, where a new process costs seconds."""
+    from lora_pipeline.flows.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return main([str(a) for a in args])
+
+
 def cli(*args, cwd, timeout=600):
     # Offline, whatever the machine: a hub id then fails at once rather than after a download.
     env = {**{k: v for k, v in os.environ.items() if k not in ("TINKER_API_KEY", "PREFECT_API_URL")},
@@ -164,9 +175,10 @@ def test_prepare_refuses_inputs_that_hang_and_outputs_that_lose_data(tmp_path, d
     (["train", "--data", "/dev/zero"], "--data /dev/zero: is a device, not a regular file"),
     (["train", "--data", "."], "--data .: is a folder, not a regular file"),
 ])
-def test_input_mistakes_found_before_any_work_are_one_line(tmp_path, tiny, args, message):
+def test_input_mistakes_found_before_any_work_are_one_line(tmp_path, tiny, args, message, monkeypatch, capsys):
     """Before: tracebacks, "file not found" for a device or a folder, an empty --val-data named as
-    --data, and a missing --test-prompts found only after preparing and training."""
+    --data, and a missing --test-prompts found only after preparing and training. (In this
+    process: these end before any server or flow, and a new process per case cost seconds.)"""
     from lora_pipeline.engines.local import LocalEngine
 
     good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr!"}]}\n'
@@ -174,10 +186,11 @@ def test_input_mistakes_found_before_any_work_are_one_line(tmp_path, tiny, args,
     (tmp_path / "empty.jsonl").write_text("")
     LocalEngine(str(tiny), rank=4, seed=0, root=tmp_path, device="cpu").save_weights_for_sampler("adapter").result()
     before = sorted(p.name for p in tmp_path.iterdir())
-    r = cli(*args, "--output-dir" if args[0] in ("train", "run") else "--max-tokens",
-            "out" if args[0] in ("train", "run") else "2", cwd=tmp_path, timeout=120)
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr
+    capsys.readouterr()  # the adapter's making is not the command's output
+    assert in_process(*args, "--output-dir" if args[0] in ("train", "run") else "--max-tokens",
+                      "out" if args[0] in ("train", "run") else "2", cwd=tmp_path, monkeypatch=monkeypatch) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and message in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -224,7 +237,7 @@ def test_the_terminal_shows_a_mistake_and_prepares_summary_once(capfd):
     from lora_pipeline.flows.cli import _tracebacks_off_the_console
 
     with _tracebacks_off_the_console():
-        log = logging.getLogger("prefect.task_runs")
+        log = logging.getLogger("prefect.lora_pipeline_tests")  # the console handler, not the API
         log.error("Task run failed with exception: PipelineError('d.jsonl:21: no known chat shape')")
         log.info("Finished in state Failed('Task run encountered an exception PipelineError: d.jsonl:21')")
         log.info("Kept 20 of 21 rows: 19 -> o.jsonl, 1 -> o.val.jsonl\n  report: o.jsonl.report.json")
@@ -294,8 +307,25 @@ def test_a_temporary_server_killed_mid_run_is_started_again_and_the_run_goes_on(
     (["inspect", "--timeout", "inf"], "--timeout (timeout) inf: must be a finite number"),
     (["inspect", "--timeout", "0"], "--timeout (timeout) 0.0: must be above 0"),
 ])
-def test_export_and_inspect_deadlines_are_checked_like_every_setting(tmp_path, args, message):
+def test_export_and_inspect_deadlines_are_checked_like_every_setting(tmp_path, args, message, monkeypatch,
+                                                                     capsys):
     """Before: an OverflowError traceback from the OS's timers (export), or a query error (inspect)."""
-    env = {**os.environ, "TINKER_API_KEY": "tml-test", "TINKER_BASE_URL": "http://127.0.0.1:9"}
-    r = subprocess.run([CLI, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and r.stderr.strip() == f"lora-pipeline {args[0]}: error: {message}", r.stderr
+    monkeypatch.setenv("TINKER_API_KEY", "tml-test")
+    monkeypatch.setenv("TINKER_BASE_URL", "http://127.0.0.1:9")
+    assert in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch) == 1
+    assert capsys.readouterr().err.strip() == f"lora-pipeline {args[0]}: error: {message}"
+
+
+def test_inspect_with_the_service_out_of_reach_fails_within_its_deadline(tmp_path, monkeypatch, capsys):
+    """Before: it said it could not query, with the SDK's FutureWarnings, and exited 0."""
+    import time
+
+    from lora_pipeline.processes import free_port
+
+    monkeypatch.setenv("TINKER_API_KEY", "tml-unreachable")
+    monkeypatch.setenv("TINKER_BASE_URL", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    assert in_process("inspect", "--timeout", "1", cwd=tmp_path, monkeypatch=monkeypatch) == 1
+    out, err = capsys.readouterr()
+    assert time.monotonic() - started < 10 and "TINKER_API_KEY: set" in out
+    assert err.strip().splitlines() == [err.strip()] and "could not be queried" in err and "within 1 s" in err
