@@ -15,7 +15,9 @@ from datetime import datetime, timedelta, UTC
 from prefect import flow, get_client, get_run_logger
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
-from prefect.states import Failed
+from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterState,
+                                            TaskRunFilterStateType)
+from prefect.states import Crashed, Failed
 
 ATTEMPT = "attempt:"  # tag "attempt:2/3": the second run of three at most
 FIRST_RUN = "first-run:"  # tag "first-run:NAME": the run that crashed first
@@ -50,6 +52,11 @@ def rerun_crashed(flow_run: str, attempts: int = 3, backoff_s: float = 120) -> s
         if crashed.deployment_id is None:
             logger.info("%s was not started from a deployment: run its command again to continue", crashed.name)
             return None
+        # Its task runs that were running when it died would show as running for ever.
+        for task_run in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[crashed.id])),
+                                              task_run_filter=TaskRunFilter(state=TaskRunFilterState(
+                                                  type=TaskRunFilterStateType(any_=[StateType.RUNNING])))):
+            client.set_task_run_state(task_run.id, Crashed(message=f"its flow run {crashed.name} crashed"), force=True)
         deployment = client.read_deployment(crashed.deployment_id)
         name = f"{client.read_flow(crashed.flow_id).name}/{deployment.name}"
         attempt, first = attempt_of(crashed.tags), first_run_of(crashed.name, crashed.tags)

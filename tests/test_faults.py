@@ -133,6 +133,9 @@ def test_kill_9_of_a_worker_and_its_flow_run(stack, clean, data):
     assert first["state"]["type"] == "CRASHED" and "No heartbeat for 90 s" in first["state"]["message"]
     assert rerun["name"] == f"{first['name']}-attempt-2" and "attempt:2/3" in rerun["tags"]
     assert rerun["parameters"] == first["parameters"]
+    # Its step that was running when it died is not shown running for ever.
+    assert not stack.api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run]}}, "task_runs": {
+        "state": {"type": {"any_": ["RUNNING"]}}}}).json()
     said = " ".join(stack.logs(rerun["id"]))
     assert "continuing after step" in said and "continuing after step 0 " not in said
     stack.start_worker(name)
