@@ -183,6 +183,19 @@ def _dispatch(a) -> int:
     return 0
 
 
+def said_once(record) -> bool:
+    """A console filter: False for what the terminal would otherwise show twice or more. A
+    user's mistake (PipelineError) is logged by the task and the flow as each fails and
+    finishes, then printed by main() as the one line that matters; prepare's summary is logged
+    by its task and printed by the command on stdout, where a script reads it. The UI keeps
+    them all."""
+    import logging
+
+    text = record.getMessage()
+    return not ("PipelineError(" in text or "PipelineError:" in text
+                or (record.levelno == logging.INFO and text.startswith("Kept ") and " rows: " in text))
+
+
 @contextlib.contextmanager
 def _tracebacks_off_the_console():
     """Prefect logs a failure's traceback at every level it passes (task, flow); on a
@@ -204,15 +217,6 @@ def _tracebacks_off_the_console():
             record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None,
                                             "stack_info": None})
             return self.inner.format(record)
-
-    def said_once(record: logging.LogRecord) -> bool:
-        """False for what the terminal would otherwise show twice or more: a user's mistake
-        (PipelineError) is logged by the task and the flow as each fails and finishes, then
-        printed by main() as the one line that matters; prepare's summary is logged by its task
-        and printed by the command on stdout, where a script reads it. The UI keeps them all."""
-        text = record.getMessage()
-        return not ("PipelineError(" in text or "PipelineError:" in text
-                    or (record.levelno == logging.INFO and text.startswith("Kept ") and " rows: " in text))
 
     handlers = [h for name in ("prefect", "") for h in logging.getLogger(name).handlers
                 if isinstance(h, PrefectConsoleHandler)]

@@ -229,23 +229,27 @@ def test_an_unwritable_home_is_said_for_what_needs_it(tmp_path, tiny):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_terminal_shows_a_mistake_and_prepares_summary_once(capfd):
+def test_the_terminal_shows_a_mistake_and_prepares_summary_once():
     """Before: prepare --strict showed its error five times (task failed, task finished, flow
     failed, flow finished, the command's line), and its summary twice (logged, then printed)."""
     import logging
 
-    from lora_pipeline.flows.cli import _tracebacks_off_the_console
+    from prefect.logging.handlers import PrefectConsoleHandler
 
+    from lora_pipeline.flows.cli import _tracebacks_off_the_console, said_once
+
+    def shown(level, text) -> bool:
+        return said_once(logging.LogRecord("prefect.task_runs", level, __file__, 1, text, None, None))
+    assert not shown(logging.ERROR, "Task run failed with exception: PipelineError('d.jsonl:21: no known chat shape')")
+    assert not shown(logging.INFO, "Finished in state Failed('Task run encountered an exception PipelineError: x')")
+    assert not shown(logging.INFO, "Kept 20 of 21 rows: 19 -> o.jsonl, 1 -> o.val.jsonl\n  report: o.jsonl.report.json")
+    assert shown(logging.INFO, "step 1/4  loss 3.7")  # progress and retries are still shown
+    assert shown(logging.ERROR, "Task run failed with exception: EngineTimeout('Tinker did not answer') - Retry 1/2")
     with _tracebacks_off_the_console():
-        log = logging.getLogger("prefect.lora_pipeline_tests")  # the console handler, not the API
-        log.error("Task run failed with exception: PipelineError('d.jsonl:21: no known chat shape')")
-        log.info("Finished in state Failed('Task run encountered an exception PipelineError: d.jsonl:21')")
-        log.info("Kept 20 of 21 rows: 19 -> o.jsonl, 1 -> o.val.jsonl\n  report: o.jsonl.report.json")
-        log.info("step 1/4  loss 3.7")
-        log.error("Task run failed with exception: EngineTimeout('Tinker did not answer') - Retry 1/2")
-    err = capfd.readouterr().err
-    assert "d.jsonl:21" not in err and "Kept 20" not in err
-    assert "step 1/4" in err and "Retry 1/2" in err  # progress and retries are still shown
+        consoles = [h for name in ("prefect", "") for h in logging.getLogger(name).handlers
+                    if isinstance(h, PrefectConsoleHandler)]
+        assert consoles and all(said_once in h.filters for h in consoles)
+    assert not any(said_once in h.filters for h in consoles)
 
 
 def test_sigterm_ends_a_command_with_its_line(tmp_path):
