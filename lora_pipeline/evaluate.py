@@ -33,8 +33,6 @@ def load_prompts(path: str | None) -> list[dict]:
     check_input_file(path, "--test-prompts")
     try:
         items = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # -sig: a leading BOM is not JSON
-    except FileNotFoundError:
-        raise PipelineError(f"--test-prompts {path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PipelineError(f"--test-prompts {path}: not valid JSON ({e})") from None
     if not isinstance(items, list) or not items:
