@@ -416,6 +416,11 @@ def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
     report = prepare(str(array), "train", tmp_path / "out.jsonl", val_fraction=0)
     assert report["rows_read"] == report["kept"] == 10
     assert len(read_chat_jsonl(src)) == 3  # training reads a prepared file saved with a BOM alike
+    from lora_pipeline.evaluate import load_prompts
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_bytes(BOM + json.dumps(["Hello!", "Ahoy?"]).encode())
+    assert [p["messages"][0]["content"] for p in load_prompts(str(prompts))] == ["Hello!", "Ahoy?"]
 
 
 def test_a_hub_dataset_with_the_hub_out_of_reach_is_said_at_once(tmp_path, monkeypatch):
