@@ -50,9 +50,11 @@ def test_nightly_is_served_with_its_schedule_and_runs_with_overrides(served, tmp
     assert (run_dir / "final_lora_weights" / "adapter_model.safetensors").exists()
 
 
-def test_a_failed_deployment_run_says_what_to_do_in_its_own_terms(served, tmp_path):
+def test_a_failed_deployment_run_says_what_to_do_in_its_own_terms(served, tmp_path, small_data):
     stack, _ = served
-    run = stack.run("lora-pipeline/nightly")  # on Tinker, and this worker has no key
+    # On Tinker, and this worker has no key. (Local data: the hub, the nightly's default, is out
+    # of reach here, and is said first.)
+    run = stack.run("lora-pipeline/nightly", dataset=str(small_data))
     state = stack.wait(run, 120)
     assert state["type"] == "FAILED"
     assert "Missing TINKER_API_KEY" in state["message"] and "-p backend=local" in state["message"]
