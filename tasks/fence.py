@@ -35,8 +35,11 @@ class Fence:
     when the run is no longer Running, or when the API has not answered for `lost_after`
     seconds (None: never for that)."""
 
-    def __init__(self, flow_run_id, lost_after: float | None):
+    def __init__(self, flow_run_id, lost_after: float | None, read_state=None):
+        """`read_state()`: the run's state type, read from the API (by default through Prefect's
+        client); whatever it raises counts as no answer."""
         self.flow_run_id, self.lost_after = flow_run_id, lost_after
+        self.read_state = read_state or self._read_state
         self.last_answer = time.monotonic()
         self.state: StateType | None = StateType.RUNNING
         self._stop = threading.Event()
@@ -67,11 +70,14 @@ class Fence:
         self._stop.set()
         _current.reset(self._token)
 
+    def _read_state(self) -> StateType | None:
+        with get_client(sync_client=True, httpx_settings={"timeout": POLL_S}) as client:
+            return client.read_flow_run(self.flow_run_id).state_type
+
     def _watch(self) -> None:
         while not self._stop.wait(POLL_S):
             try:
-                with get_client(sync_client=True, httpx_settings={"timeout": POLL_S}) as client:
-                    self.state = client.read_flow_run(self.flow_run_id).state_type
+                self.state = self.read_state()
                 self.last_answer = time.monotonic()
             except Exception:  # unreachable, refused, a server error: not an answer
                 pass

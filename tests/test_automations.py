@@ -4,6 +4,7 @@ and what they do there, is in test_service.py and test_faults.py."""
 
 import time
 
+import httpx
 import pytest
 import yaml
 
@@ -83,10 +84,10 @@ def test_the_fence_stops_a_training_whose_run_is_no_longer_running(prefect_harne
 
 def test_the_fence_stops_a_training_that_lost_the_api_for_the_crash_threshold(monkeypatch):
     monkeypatch.setattr(fence_module, "POLL_S", 0.1)
-    # Nothing listens there: no poll is ever answered.
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
-    fence = Fence("00000000-0000-4000-8000-000000000000", lost_after=1.0)
-    with fence:
+
+    def unreachable():  # what every poll of a cut-off host gets
+        raise httpx.ConnectError("All connection attempts failed")
+    with Fence("00000000-0000-4000-8000-000000000000", lost_after=1.0, read_state=unreachable) as fence:
         fence.check()  # not yet
         time.sleep(1.3)
         with pytest.raises(Fenced, match=r"has not answered for 1 s \(LORA_PIPELINE_CRASH_AFTER is 1 s\)"):
