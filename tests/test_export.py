@@ -36,7 +36,7 @@ def tinker_run(tmp_path_factory):
         mp.setenv("TINKER_BASE_URL", server.base_url)
         run = TrainingRun(TrainSettings(data=str(data), batch=4, max_steps=3, save_every=2, backend="tinker",
                                         base_model=SMOLLM2, rank=8, output_dir=str(tmp / "runs"), run_name="t",
-                                        request_timeout=10)).open()
+                                        request_timeout=60)).open()
         train(run)
         yield server, run.run_dir
 
