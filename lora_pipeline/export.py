@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 import tinker
+from tinker.lib.base_url import resolve_base_url
 
 from .data import read_json, replace_dir, umask_mode, write_json
 from .engines import INFO_FILE, EngineTimeout, check_tinker_ready
@@ -172,9 +173,15 @@ class _Exporter:
         # The key comes from TINKER_API_KEY, read by the SDK.
         self.service = tinker.ServiceClient(base_url=service_url())
         # Making a RestClient opens a session and waits for it without a deadline: an
-        # unreachable service held the export for minutes.
-        self.rest = run_with_deadline(f"the session request to {service_url() or 'the Tinker service'}", timeout,
-                                      lambda: tinker.RestClient(base_url=service_url()))
+        # unreachable service held the export for minutes. So the service is asked first, within
+        # the deadline (any answer will do). The RestClient is then made in this thread: made in
+        # a helper thread beside a training's open session, it sometimes never returned.
+        url = resolve_base_url(service_url())
+        try:
+            httpx.get(url, timeout=timeout)
+        except httpx.HTTPError:
+            raise EngineTimeout(f"the session request to {url}", timeout) from None
+        self.rest = tinker.RestClient(base_url=service_url())
 
     def _create(self, op: str, make):
         """Client creation blocks the calling thread (session set-up): it gets a helper thread."""
