@@ -59,7 +59,9 @@ def test_a_failed_deployment_run_says_what_to_do_in_its_own_terms(served, tmp_pa
     assert state["type"] == "FAILED"
     assert "Missing TINKER_API_KEY" in state["message"] and "-p backend=local" in state["message"]
     assert "--backend" not in state["message"]
-    [said] = [m for m in stack.logs(run) if m.startswith("What failed and how to continue: ")]
+    # The failure hook runs once the run is Failed: its line may come a moment later.
+    [said] = processes.wait_until("the failure note's line", lambda: [
+        m for m in stack.logs(run) if m.startswith("What failed and how to continue: ")], 60, every=1)
     note = said.removeprefix("What failed and how to continue: ")
     assert note == str(tmp_path / "checkpoints" / "last_failure.md")  # absolute, wherever the worker runs
     text = open(note).read()
