@@ -80,6 +80,36 @@ class _Progress(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def _batch_tensors(data: list[types.Datum], pad_id: int, pack: bool) -> tuple:
+    """The model's inputs, the targets, the loss weights (on the CPU) and the forward's other
+    arguments for `data`: right-padded rows, or with `pack` one row of every sequence."""
+    lengths = [d.model_input.length for d in data]
+    tokens = [d.model_input.to_ints() for d in data]
+    if pack:
+        # One row, each sequence's positions counting from 0: transformers then lets no token
+        # attend across a sequence boundary (it reads the boundaries from the positions only
+        # without a KV cache), and nothing is spent on padding.
+        inputs = torch.tensor([t for row in tokens for t in row])[None]
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        targets = torch.cat([d.loss_fn_inputs["target_tokens"].to_torch().long() for d in data])[None]
+        weights = torch.cat([d.loss_fn_inputs["weights"].to_torch().float() for d in data])[None]
+        return inputs, targets, weights, {"position_ids": positions, "use_cache": False}
+    width = max(lengths)
+    inputs = torch.full((len(data), width), pad_id, dtype=torch.long)
+    targets = torch.zeros((len(data), width), dtype=torch.long)
+    weights = torch.zeros((len(data), width))
+    mask = torch.zeros((len(data), width), dtype=torch.long)
+    for i, (d, n) in enumerate(zip(data, lengths)):
+        inputs[i, :n] = torch.tensor(tokens[i])
+        targets[i, :n] = d.loss_fn_inputs["target_tokens"].to_torch().long()
+        weights[i, :n] = d.loss_fn_inputs["weights"].to_torch().float()
+        mask[i, :n] = 1
+    # Without padding there is no mask to pass: the attention is then plainly causal, as it
+    # would be with an all-ones mask, without transformers checking on the GPU that the mask is
+    # all ones (a wait for the GPU before every forward).
+    return inputs, targets, weights, {"attention_mask": None if min(lengths) == width else mask}
+
+
 class LocalEngine:
     remote = False  # calls compute when made: queueing the next step ahead would gain nothing
 
@@ -135,8 +165,10 @@ class LocalEngine:
         for p in params:
             p.data = p.data.float()
         # On the GPU the fused AdamW updates every LoRA tensor in one kernel; the CPU keeps the
-        # default implementation it always had.
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True if self.device.type == "cuda" else None)
+        # default implementation it always had. Its hyperparameters are left at torch's
+        # defaults here: every optim_step sets them from the AdamParams it is given, as Tinker
+        # takes them with each step, before they are used.
+        self.optimizer = torch.optim.AdamW(params, fused=True if self.device.type == "cuda" else None)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._forward = torch.compile(self.model, mode=compile_mode) if compile_mode else self.model
 
@@ -156,34 +188,11 @@ class LocalEngine:
         """Per-token log-probs of the targets (float32) and the weights, both shaped as the
         model's input: batch x longest, right-padded, or 1 x all tokens when packed."""
         lengths = [d.model_input.length for d in data]
-        tokens = [d.model_input.to_ints() for d in data]
-        if self.pack:
-            # One row, each sequence's positions counting from 0: transformers then lets no
-            # token attend across a sequence boundary (it reads the boundaries from the
-            # positions only without a KV cache), and nothing is spent on padding.
-            inputs = torch.tensor([t for row in tokens for t in row])[None]
-            positions = torch.cat([torch.arange(n) for n in lengths])[None]
-            targets = torch.cat([d.loss_fn_inputs["target_tokens"].to_torch().long() for d in data])[None]
-            weights = torch.cat([d.loss_fn_inputs["weights"].to_torch().float() for d in data])[None]
-            kwargs = {"position_ids": positions.to(self.device, non_blocking=True), "use_cache": False}
-        else:
-            width = max(lengths)
-            inputs = torch.full((len(data), width), self.pad_id, dtype=torch.long)
-            targets = torch.zeros((len(data), width), dtype=torch.long)
-            weights = torch.zeros((len(data), width))
-            mask = torch.zeros((len(data), width), dtype=torch.long)
-            for i, (d, n) in enumerate(zip(data, lengths)):
-                inputs[i, :n] = torch.tensor(tokens[i])
-                targets[i, :n] = d.loss_fn_inputs["target_tokens"].to_torch().long()
-                weights[i, :n] = d.loss_fn_inputs["weights"].to_torch().float()
-                mask[i, :n] = 1
-            # Without padding there is no mask to pass: the attention is then plainly causal, as
-            # it would be with an all-ones mask, without transformers checking on the GPU that
-            # the mask is all ones (a wait for the GPU before every forward).
-            unpadded = min(lengths) == width
-            kwargs = {"attention_mask": None if unpadded else mask.to(self.device, non_blocking=True)}
+        inputs, targets, weights, kwargs = _batch_tensors(data, self.pad_id, self.pack)
         # The batch goes to the device once, the log-probs come back once (_rows); on the CPU
         # both are no-ops.
+        kwargs = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                  for k, v in kwargs.items()}
         weights = weights.to(self.device, non_blocking=True)
         try:
             logits = self._forward(input_ids=inputs.to(self.device, non_blocking=True), **kwargs).logits
