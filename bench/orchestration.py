@@ -90,7 +90,7 @@ def main() -> None:
     from lora_pipeline.flows.pipeline import train as train_flow
     from lora_pipeline.models import SMOLLM2, load_tokenizer
     from lora_pipeline.render import render_conversations, renderer_for
-    from lora_pipeline.train import epoch_batches, learning_rate
+    from lora_pipeline.train import epoch_batches, scheduled_lr
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dict(data=str(SAMPLE), batch=8, max_steps=a.steps, save_every=0, backend="local",
@@ -110,7 +110,7 @@ def main() -> None:
             start = time.perf_counter()
             for n, indices in enumerate(order, start=1):
                 fb = engine.forward_backward([examples[j] for j in indices], "cross_entropy")
-                opt = engine.optim_step(types.AdamParams(learning_rate=learning_rate(1e-4, n, a.steps),
+                opt = engine.optim_step(types.AdamParams(learning_rate=scheduled_lr(1e-4, n, a.steps),
                                                          beta1=0.9, beta2=0.95, eps=1e-8))
                 fb.result()
                 opt.result()

@@ -111,9 +111,9 @@ def _check_inputs(command: str, params: dict) -> None:
     if command == "prepare":
         S.build(S.PrepareSettings, params).check()
     elif command == "train":
-        from lora_pipeline.train import TrainingRun
+        from lora_pipeline.run_config import RunConfig
 
-        TrainingRun(S.build(S.TrainSettings, params)).check_inputs()
+        RunConfig(S.build(S.TrainSettings, params)).read_inputs()
     elif command in ("run", "sweep"):
         from lora_pipeline.engines import resolve_engine
         from lora_pipeline.models import check_rank
@@ -124,9 +124,9 @@ def _check_inputs(command: str, params: dict) -> None:
             sweep = S.build(S.SweepSettings, params)
             sweep.check()
             for config in configurations(sweep, params):
-                S.check_pipeline(config)
+                S.PipelineSettings.of(config)
         else:
-            S.check_pipeline(params)
+            S.PipelineSettings.of(params)
         backend, base_model = resolve_engine(params["backend"], params["base_model"])
         if backend == "local":
             for rank in params["rank"] if isinstance(params["rank"], tuple) else (params["rank"],):

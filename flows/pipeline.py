@@ -4,6 +4,7 @@ its type, default and help text: the Prefect UI's run form shows them, and `pref
 run -p name=value` sets them."""
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -21,15 +22,15 @@ from prefect.states import Crashed
 from lora_pipeline import settings as S
 from lora_pipeline.errors import PipelineError
 from lora_pipeline.engines import resolve_engine, retryable
-from lora_pipeline.prepare import prepared_path
 from lora_pipeline.report import verdict
 from lora_pipeline.run_folder import RunSummary
-from lora_pipeline.tasks import stored_in, unless_gone
+from lora_pipeline.tasks import slot_of, stored_in, unless_gone
 from lora_pipeline.tasks.evaluate import evaluate_adapter
-from lora_pipeline.tasks.fence import Fence, Fenced
+from lora_pipeline.tasks.fence import Fence, Fenced, check_fence
 from lora_pipeline.tasks.prepare import prepare_data, show_data_report
 from lora_pipeline.tasks.report import write_run_report
-from lora_pipeline.tasks.train import train_adapter
+from lora_pipeline.tasks.train import (TrainingProgress, backstop_s, finish_training, find_finished_training,
+                                       save_checkpoint, start_training, train_step, validate_base)
 
 
 def for_deployment(text: str, fields) -> str:
@@ -44,7 +45,7 @@ def for_deployment(text: str, fields) -> str:
         if f.type is bool:
             return f"-p {f.name}=true" + (f" {value}" if value else "")
         # A value is a choice of the setting's, or a number: "--run-name or ..." names the flag.
-        if value and (value in (f.metadata["choices"] or ()) or re.fullmatch(r"[-+.0-9e]+", value)):
+        if value and (value in (S.choices_of(f) or ()) or re.fullmatch(r"[-+.0-9e]+", value)):
             return f"-p {f.name}={value}"
         return f.name + (f" {value}" if value else "")
     return re.sub(r"(--[a-z][a-z0-9-]*)(?: (?!\()([^\s,;)`]+))?", reword, text)
@@ -128,58 +129,83 @@ def _answered(results_file: str) -> list[str]:
     return [results_file]
 
 
+def train_adapter(settings: S.TrainSettings) -> RunSummary:
+    """The training, a task run per operation (start, the base model's held-out loss, each step
+    and checkpoint, the final weights), so that a retried step leaves the others as they were;
+    a run folder that already holds it finished is returned as it is. With `concurrency_limit`
+    set (a sweep's), it waits for a slot of that limit first."""
+    finished = find_finished_training(settings, return_state=True).result()
+    if finished is not None:
+        return finished
+    with slot_of(settings.concurrency_limit), start_training(settings) as run:
+        step = train_step.with_options(timeout_seconds=backstop_s(run))
+        save = save_checkpoint.with_options(timeout_seconds=backstop_s(run))
+        progress = TrainingProgress(run)
+        validate_base(run)
+        for n in run.steps_left():
+            check_fence()  # before each step and save: a re-run may own the run folder now
+            progress.show(n, step(run, n))
+            if run.saves_at(n):
+                check_fence()
+                save(run, n)
+        check_fence()
+        summary = run.finished_before or finish_training(run)
+    get_run_logger().info("final LoRA weights: %s", summary.final_lora_weights)
+    return summary
+
+
+def prepare_data_of(stages: S.PipelineSettings) -> dict:
+    """The pipeline's first stage after the checks: the engine's readiness (a missing Tinker key
+    or an unknown model fails here, not after the data is prepared), then the data prepared
+    into the output folder, cached there; returns prepare's report."""
+    resolve_engine(stages.train.backend, stages.train.base_model)
+    data = unless_gone(stored_in(prepare_data, stages.train.output_dir), _prepared, stages.prepare)
+    show_data_report(data)
+    return data
+
+
+def trained_on(stages: S.PipelineSettings, data: dict) -> S.TrainSettings:
+    """The training stage's settings: the prepared file, and its held-out split, on which the
+    held-out loss is measured during training."""
+    return dataclasses.replace(stages.train, data=data["output"], val_data=data["validation"])
+
+
 @flow(name="lora-pipeline-prepare")
 @parameters(S.fields_of(S.PrepareSettings))
 def prepare(**params) -> dict:
     """Validated chat JSONL from a dataset of any common shape."""
-    report = unless_gone(prepare_data, _prepared, S.build(S.PrepareSettings, params))
-    show_data_report(report)
-    return report
+    settings = S.build(S.PrepareSettings, params)
+    data = unless_gone(prepare_data, _prepared, settings)
+    show_data_report(data)
+    return data
 
 
 @flow(name="lora-pipeline-train", on_failure=[write_failure_note], on_crashed=[write_failure_note])
 @parameters(S.fields_of(S.TrainSettings))
 def train(**params) -> RunSummary:
     """Train a LoRA adapter on a prepared chat JSONL file."""
-    return train_adapter(S.build(S.TrainSettings, params))
+    settings = S.build(S.TrainSettings, params)
+    return train_adapter(settings)
 
 
 @flow(name="lora-pipeline-test")
 @parameters(S.fields_of(S.EvaluateSettings))
 def test(**params) -> str:
     """Answer test prompts with a LoRA adapter (and its base model)."""
-    return unless_gone(evaluate_adapter, _answered, S.build(S.EvaluateSettings, params))
-
-
-def check_and_prepare(params: dict) -> dict:
-    """The pipeline's first stage: every setting checked, the engine's readiness (a missing
-    Tinker key or an unknown model fails here, not after the data is prepared), then the data
-    prepared into the output folder; returns prepare's report."""
-    S.check_pipeline(params)
-    resolve_engine(params["backend"], params["base_model"])
-    report = unless_gone(stored_in(prepare_data, params["output_dir"]), _prepared, S.build(
-        S.PrepareSettings, params,
-        output=prepared_path(params["output_dir"], params["dataset"], params["split"], params["max_examples"])))
-    show_data_report(report)
-    return report
-
-
-def train_settings(params: dict, report: dict) -> S.TrainSettings:
-    """The training stage's settings: the prepared file, and its held-out split, on which the
-    held-out loss is measured during training."""
-    return S.build(S.TrainSettings, params, data=report["output"], val_data=report["validation"])
+    settings = S.build(S.EvaluateSettings, params)
+    return unless_gone(evaluate_adapter, _answered, settings)
 
 
 @flow(name="lora-pipeline", on_failure=[write_failure_note], on_crashed=[write_failure_note])
 @parameters(S.flat_fields(), S.PIPELINE_DEFAULTS)
 def lora_pipeline(**params) -> dict:
     """Prepare the data, train a LoRA, answer the test prompts with it and its base, report."""
-    report = check_and_prepare(params)
-    held_out = report["validation"]
-    summary = train_adapter(train_settings(params, report))
-    results = unless_gone(stored_in(evaluate_adapter, params["output_dir"]), _answered, S.build(
-        S.EvaluateSettings, params, lora_weights=summary.final_lora_weights,
-        output=str(Path(summary.run_dir) / "results.json"), test_prompts=params["test_prompts"] or held_out))
-    report_path = write_run_report(summary, results)
-    get_run_logger().info("%s Report: %s", verdict(summary), report_path)
-    return {"summary": summary, "results": results, "report": report_path}
+    stages = S.PipelineSettings.of(params)
+    data = prepare_data_of(stages)
+    summary = train_adapter(trained_on(stages, data))
+    answers = unless_gone(stored_in(evaluate_adapter, stages.train.output_dir), _answered, dataclasses.replace(
+        stages.evaluate, lora_weights=summary.final_lora_weights, output=str(Path(summary.run_dir) / "results.json"),
+        test_prompts=stages.evaluate.test_prompts or data["validation"]))
+    report = write_run_report(summary, answers)
+    get_run_logger().info("%s Report: %s", verdict(summary), report)
+    return {"summary": summary, "results": answers, "report": report}

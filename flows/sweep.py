@@ -23,11 +23,11 @@ from prefect.deployments import run_deployment
 from lora_pipeline import settings as S
 from lora_pipeline.engines import choose_backend
 from lora_pipeline.errors import PipelineError
-from lora_pipeline.flows.pipeline import check_and_prepare, lora_pipeline, parameters, train_settings
+from lora_pipeline.flows.pipeline import lora_pipeline, parameters, prepare_data_of, trained_on
+from lora_pipeline.run_config import RunConfig
 from lora_pipeline.run_folder import RunFolder
 from lora_pipeline.sweep import COLUMNS, cells, configurations, label, write_sweep_report
 from lora_pipeline.tasks import set_limit, training_limit
-from lora_pipeline.train import TrainingRun
 
 
 def _in_process(config: dict) -> str | None:
@@ -52,9 +52,8 @@ def lora_sweep(**params) -> dict:
     sweep.check()
     own = {f.name for f in S.fields_of(S.SweepSettings)}
     configs = configurations(sweep, {k: v for k, v in params.items() if k not in own})
-    report = check_and_prepare(configs[0])  # each child's own prepare stage then hits the cache
-    for config in configs[1:]:
-        S.check_pipeline(config)
+    stages = [S.PipelineSettings.of(config) for config in configs]  # every run's settings checked first
+    data = prepare_data_of(stages[0])  # each child's own prepare stage then hits the cache
     backend = choose_backend(configs[0]["backend"])
     at_once = sweep.tinker_sessions if backend == "tinker" else sweep.local_trainings
     logger = get_run_logger()
@@ -73,8 +72,8 @@ def lora_sweep(**params) -> dict:
         failures = list(pool.map(lambda context, config: context.run(child, config), contexts, configs))
 
     runs = []
-    for config, failure in zip(configs, failures):
-        run_dir = TrainingRun(train_settings(config, report)).run_dir
+    for config, stage, failure in zip(configs, stages, failures):
+        run_dir = RunConfig(trained_on(stage, data)).run_dir
         summary = RunFolder(run_dir).read_summary() if failure is None else None
         if summary is None:
             logger.error("%s failed: %s", label(config), failure or f"no summary.json in {run_dir}")

@@ -21,6 +21,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -167,6 +168,13 @@ class RunFolder:
             return True
         finally:
             os.close(fd)
+
+    def remove_half_written(self) -> list[str]:
+        """Removes what an interrupted atomic write left (.tmp-*, .old-*); returns their names."""
+        leftovers = sorted(self.path.glob(".tmp-*")) + sorted(self.path.glob(".old-*"))
+        for leftover in leftovers:
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        return [leftover.name for leftover in leftovers]
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name

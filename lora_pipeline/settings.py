@@ -14,27 +14,36 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .errors import PipelineError
 
-BACKENDS = ("auto", "local", "tinker")
-OVERFLOW_CHOICES = ("truncate", "drop")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16")
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "question_answer", "columns")
+# Settings with fixed choices are typed as such: the CLI offers them as choices, and the Prefect
+# UI's run form as a drop-down (Prefect reads the type into the parameter schema as an enum).
+Backend = Literal["auto", "local", "tinker"]
+Overflow = Literal["truncate", "drop"]
+Device = Literal["auto", "cpu", "cuda"]
+Dtype = Literal["auto", "float32", "bfloat16"]
+Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "question_answer", "columns"]
+BACKENDS, OVERFLOW_CHOICES, DEVICES, DTYPES, FORMATS = (typing.get_args(t) for t in (Backend, Overflow, Device, Dtype, Format))
+
+
+def choices_of(f: dataclasses.Field) -> tuple | None:
+    """The values a setting may take, if its type is a Literal."""
+    return typing.get_args(f.type) if typing.get_origin(f.type) is Literal else None
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
-            choices: tuple | None = None, min: float | None = None, above: float | None = None,
+            min: float | None = None, above: float | None = None,
             max: float | None = None, below: float | None = None, pattern: tuple[str, str] | None = None,
             shapes_training: bool = False):
     """A dataclass field with what the CLI and the checks need: help text, an optional flag
-    name other than the field's, allowed choices, bounds (`min`/`max` inclusive, `above`/`below`
-    exclusive; numbers must also be finite) and, for text, a (regex, rule in words) pattern.
-    `shapes_training`: a training setting that changes the steps' arithmetic, so a run folder is
-    continued only with the same value, and its name is keyed on it (see resume_keys)."""
-    metadata = {"help": help, "flag": flag, "choices": choices, "pattern": pattern, "shapes_training": shapes_training,
+    name other than the field's, bounds (`min`/`max` inclusive, `above`/`below` exclusive;
+    numbers must also be finite) and, for text, a (regex, rule in words) pattern. Its choices,
+    if any, are its Literal type's. `shapes_training`: a training setting that changes the
+    steps' arithmetic, so a run folder is continued only with the same value, and its name is
+    keyed on it (see resume_keys)."""
+    metadata = {"help": help, "flag": flag, "pattern": pattern, "shapes_training": shapes_training,
                 "bounds": {k: v for k, v in (("min", min), ("above", above), ("max", max), ("below", below))
                            if v is not None}}
     return field(default=default, metadata=metadata)
@@ -68,7 +77,7 @@ def _check_field(obj, f: dataclasses.Field) -> None:
 
 def _check_value(f: dataclasses.Field, value) -> None:
     where = f"{flag_name(f)} ({f.name})"
-    choices = f.metadata.get("choices")
+    choices = choices_of(f)
     if choices and value not in choices:
         raise PipelineError(f"{where} {value!r}: choose one of {', '.join(choices)}")
     pattern = f.metadata.get("pattern")
@@ -113,15 +122,15 @@ class Seeded:
 @dataclass(kw_only=True)
 class LengthLimit:
     max_length: int = setting(1024, "token limit per example", min=1, shapes_training=True)
-    on_overflow: str = setting("truncate", "what to do with longer examples", choices=OVERFLOW_CHOICES, shapes_training=True)
+    on_overflow: Overflow = setting("truncate", "what to do with longer examples", shapes_training=True)
 
 
 @dataclass(kw_only=True)
 class Placement:
-    device: str = setting("auto", "where the local engine computes: a CUDA GPU when there is one (auto), cpu "
-                                  "or cuda", choices=DEVICES)
-    dtype: str = setting("auto", "the local engine's base weights: bfloat16 on a GPU that has it (auto), float32 "
-                                 "elsewhere; the LoRA always trains in float32", choices=DTYPES)
+    device: Device = setting("auto", "where the local engine computes: a CUDA GPU when there is one (auto), cpu "
+                                     "or cuda")
+    dtype: Dtype = setting("auto", "the local engine's base weights: bfloat16 on a GPU that has it (auto), float32 "
+                                   "elsewhere; the LoRA always trains in float32")
 
 
 @dataclass(kw_only=True)
@@ -143,7 +152,7 @@ class PrepareSettings(Checked, BaseModelChoice, Seeded, LengthLimit):
                                        min=1)
     first: bool = setting(False, "with --max-examples: the first N rows instead of a random sample")
     val_fraction: float = setting(0.05, "share of kept rows held out for validation", min=0, below=1)
-    fmt: str = setting("auto", "row shape (auto: detected per row)", flag="--format", choices=FORMATS)
+    fmt: Format = setting("auto", "row shape (auto: detected per row)", flag="--format")
     prompt_column: str | None = setting(None, "with --format columns: the user turn's column")
     response_column: str | None = setting(None, "with --format columns: the assistant turn's column")
     system_column: str | None = setting(None, "with --format columns: an optional system prompt column")
@@ -179,8 +188,8 @@ class TrainSettings(Checked, BaseModelChoice, Seeded, LengthLimit, Placement, De
     lock_wait: float = setting(0.0, "seconds to wait while another process holds the run folder (0: refuse at "
                                     "once); a re-run of a crashed run waits for the crashed process to stop",
                                min=0, max=86400)
-    backend: str = setting("auto", "local, tinker, or auto (tinker when TINKER_API_KEY is set)",
-                           choices=BACKENDS, shapes_training=True)
+    backend: Backend = setting("auto", "local, tinker, or auto (tinker when TINKER_API_KEY is set)",
+                               shapes_training=True)
     beta1: float = setting(0.9, "AdamW beta1", min=0, below=1, shapes_training=True)
     beta2: float = setting(0.95, "AdamW beta2", min=0, below=1, shapes_training=True)
     eps: float = setting(1e-8, "AdamW epsilon", above=0, shapes_training=True)
@@ -228,9 +237,9 @@ class EvaluateSettings(SampleSettings):
 @dataclass(kw_only=True)
 class SweepSettings(Checked):
     """`lora-pipeline sweep`: the pipeline once per combination of these values, compared."""
-    learning_rate: tuple[float, ...] = setting((1e-4,), "learning rates to try (on the command line: "
-                                               "comma-separated, e.g. 1e-4,5e-4)", above=0)
-    rank: tuple[int, ...] = setting((16,), "LoRA ranks to try (e.g. 8,16)", min=1)
+    learning_rates: tuple[float, ...] = setting((1e-4,), "peak learning rates to try (on the command line: "
+                                                "comma-separated, e.g. 1e-4,5e-4)", above=0)
+    ranks: tuple[int, ...] = setting((16,), "LoRA ranks to try (e.g. 8,16)", min=1)
     deployment: str | None = setting(
         None, "run each training as a run of this deployment of the lora-pipeline flow (e.g. "
               "lora-pipeline/training), so that the work pool's workers share them; default: in this process")
@@ -282,17 +291,35 @@ def default_of(f: dataclasses.Field, overrides: dict | None = None):
     return inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
 
 
+# The pipeline setting that each of a sweep's lists gives values of.
+SWEPT = {"learning_rates": "learning_rate", "ranks": "rank"}
+
+
 def sweep_fields() -> list[dataclasses.Field]:
     """A sweep's parameters: its own, and the pipeline's less those it sweeps."""
-    swept = {f.name for f in dataclasses.fields(SweepSettings)}
-    return fields_of(SweepSettings) + [f for f in flat_fields() if f.name not in swept]
+    return fields_of(SweepSettings) + [f for f in flat_fields() if f.name not in SWEPT.values()]
 
 
-def check_pipeline(params: dict) -> None:
-    """Every stage's settings of a pipeline run, checked before any work (what one stage hands
-    the next is not known yet)."""
-    for stage in PIPELINE_STAGES:
-        build(stage, params, **{name: "" for name in PIPELINE_INTERNAL}).check()
+@dataclass(frozen=True)
+class PipelineSettings:
+    """A pipeline run's stages' settings, from its flat parameters. What one stage hands the
+    next is filled in by the flow as it becomes known: prepare's output is where the pipeline
+    keeps prepared data; train's data and evaluate's adapter and output are empty until then."""
+    prepare: PrepareSettings
+    train: TrainSettings
+    evaluate: EvaluateSettings
+
+    @classmethod
+    def of(cls, params: dict) -> "PipelineSettings":
+        """Every stage's settings, checked before any work."""
+        from .prepare import prepared_path
+
+        stages = [build(stage, params, **{name: "" for name in PIPELINE_INTERNAL}) for stage in PIPELINE_STAGES]
+        for stage in stages:
+            stage.check()
+        prepare, train, evaluate = stages
+        output = prepared_path(train.output_dir, prepare.dataset, prepare.split, prepare.max_examples)
+        return cls(dataclasses.replace(prepare, output=output), dataclasses.replace(train, val_data=None), evaluate)
 
 
 def build(cls, params: dict, **given):
@@ -327,7 +354,8 @@ def add_flags(parser, fields: list[dataclasses.Field], overrides: dict | None = 
     for f in fields:
         default = default_of(f, overrides)
         kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
-        base = f.type if f.type in (bool, int, float, str) else next(
+        choices = choices_of(f)
+        base = str if choices else f.type if f.type in (bool, int, float, str) else next(
             t for t in getattr(f.type, "__args__", (str,)) if t is not type(None))
         if typing.get_origin(f.type) is tuple:
             kwargs["type"] = _comma_list(base)
@@ -337,8 +365,8 @@ def add_flags(parser, fields: list[dataclasses.Field], overrides: dict | None = 
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = base
-            if f.metadata.get("choices"):
-                kwargs["choices"] = f.metadata["choices"]
+            if choices:
+                kwargs["choices"] = choices
         if default is inspect.Parameter.empty:
             kwargs["required"] = True
         else:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .data import write_atomic, write_json
 from .run_folder import RunFolder, RunSummary
-from .settings import SweepSettings
+from .settings import SWEPT, SweepSettings
 
 COLUMNS = ["configuration", "steps", "held-out loss, final", "held-out loss, best", "best at step",
            "trained tokens/s", "run folder"]
@@ -16,8 +16,8 @@ COLUMNS = ["configuration", "steps", "held-out loss, final", "held-out loss, bes
 
 def configurations(sweep: SweepSettings, params: dict) -> list[dict]:
     """The pipeline's parameters for each combination, in a stable order."""
-    return [{**params, "learning_rate": lr, "rank": rank}
-            for lr, rank in itertools.product(sweep.learning_rate, sweep.rank)]
+    lists = [getattr(sweep, name) for name in SWEPT]
+    return [{**params, **dict(zip(SWEPT.values(), values))} for values in itertools.product(*lists)]
 
 
 def label(config: dict) -> str:

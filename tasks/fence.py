@@ -101,3 +101,10 @@ class Fence:
         why = self.lost()
         if why:
             raise Fenced(why)
+
+
+def check_fence() -> None:
+    """Raises Fenced if this flow run has a fence and it says stop; else nothing."""
+    fence = Fence.current()
+    if fence:
+        fence.check()

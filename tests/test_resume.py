@@ -34,12 +34,16 @@ def config(data, out, name, **kw):
                           "run_name": name, **kw})
 
 
-def crash_at(step_no):
-    def step(run, n):
+def crashing_at(run: TrainingRun, step_no: int) -> TrainingRun:
+    """`run`, whose step `step_no` raises Crash: the process dies there."""
+    step = run.step
+
+    def crash(n):
         if n == step_no:
             raise Crash(f"crash in step {n}")
-        return TrainingRun.step(run, n)
-    return step
+        return step(n)
+    run.step = crash
+    return run
 
 
 def max_diff(a: Path, b: Path) -> float:
@@ -66,7 +70,7 @@ def clean_run(tmp_path_factory):
 def test_a_crashed_run_continues_exactly_where_it_stopped(tmp_path, clean_run):
     data, clean = clean_run
     with pytest.raises(Crash):
-        train(TrainingRun(config(data, tmp_path, "r")).open(), step=crash_at(5))
+        train(crashing_at(TrainingRun(config(data, tmp_path, "r")).open(), 5))
     assert steps_logged(tmp_path / "r") == [1, 2, 3, 4]
     run = TrainingRun(config(data, tmp_path, "r")).open()
     assert run.first_step == 5 and "continuing after step 4 of 6" in run.describe()
@@ -78,7 +82,7 @@ def test_a_crashed_run_continues_exactly_where_it_stopped(tmp_path, clean_run):
 def test_a_damaged_newest_checkpoint_is_reported_and_skipped(tmp_path, clean_run):
     data, clean = clean_run
     with pytest.raises(Crash):
-        train(TrainingRun(config(data, tmp_path, "r")).open(), step=crash_at(6))
+        train(crashing_at(TrainingRun(config(data, tmp_path, "r")).open(), 6))
     run_dir = tmp_path / "r"
     adapter = run_dir / "checkpoint_step_4" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:1000])  # truncated, as by a full disk
@@ -189,7 +193,7 @@ def test_a_full_disk_fails_clearly_and_loses_nothing(tmp_path, clean_run, limit_
 def test_a_log_that_disagrees_with_the_checkpoints_is_not_trusted(tmp_path, clean_run):
     data, _ = clean_run
     with pytest.raises(Crash):
-        train(TrainingRun(config(data, tmp_path, "r")).open(), step=crash_at(6))
+        train(crashing_at(TrainingRun(config(data, tmp_path, "r")).open(), 6))
     (tmp_path / "r" / "training_log.json").unlink()  # lost: steps 1-5 now unrecorded
     with pytest.raises(PipelineError, match=r"holds step 4, but training_log.json records steps none: the "
                                             r"records disagree.*--start-over"):
@@ -201,7 +205,7 @@ def test_a_log_that_disagrees_with_the_checkpoints_is_not_trusted(tmp_path, clea
 def test_a_checkpoint_that_holds_another_step_is_skipped(tmp_path, clean_run):
     data, clean = clean_run
     with pytest.raises(Crash):
-        train(TrainingRun(config(data, tmp_path, "r")).open(), step=crash_at(6))
+        train(crashing_at(TrainingRun(config(data, tmp_path, "r")).open(), 6))
     run_dir = tmp_path / "r"
     shutil.rmtree(run_dir / "checkpoint_step_4")
     shutil.copytree(run_dir / "checkpoint_step_2", run_dir / "checkpoint_step_4")  # step 2's weights, mislabelled
@@ -218,7 +222,7 @@ def test_changed_final_weights_of_a_finished_run_are_saved_again(tmp_path, clean
     adapter = run_dir / "final_lora_weights" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:-8] + bytes(8))  # a few bytes damaged
     run = TrainingRun(config(data, tmp_path, "clean"))
-    assert run.trained_before() is None  # not reported as a finished run
+    assert run.config.finished_summary() is None  # not reported as a finished run
     summary = train(run.open())
     assert summary.steps == 6 and steps_logged(run_dir) == [1, 2, 3, 4, 5, 6]
     assert max_diff(clean, run_dir) == 0  # saved again from the final state
@@ -247,14 +251,17 @@ def test_a_resumed_run_keeps_its_held_out_losses_time_and_notes_true(tmp_path, s
     val.write_bytes(b"".join(data.read_bytes().splitlines(keepends=True)[-4:]))
     tiny_model = dict(val_data=str(val), base_model=str(tiny), device="cpu")  # seconds, not minutes
 
-    def interrupted_while_measuring(run, n):
+    run = TrainingRun(config(data, tmp_path, "r", **tiny_model)).open()
+
+    def interrupted_while_measuring(n):
         run._save_state(checkpoint_name(n), n, f"checkpoint at step {n}")
         if n == 4:
             raise Crash("interrupted while measuring the held-out loss")
         run.validate(n)
+    run.save_checkpoint = interrupted_while_measuring
 
     with pytest.raises(Crash):
-        train(TrainingRun(config(data, tmp_path, "r", **tiny_model)).open(), save=interrupted_while_measuring)
+        train(run)
     run_dir = tmp_path / "r"
     assert [r["step"] for r in json.loads((run_dir / "validation_log.json").read_text())] == [0, 2]
     (run_dir / "failure.md").write_text("# lora-pipeline run failed\n")  # as the flow's failure hook leaves it

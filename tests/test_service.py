@@ -62,7 +62,7 @@ def test_a_tinker_sweep_fans_out_over_the_workers_within_its_concurrency_limit(s
     before = set(tinker.runs)
     flow_run = service.run("lora-pipeline-sweep/sweep", dataset=str(small), split="train", max_examples=None,
                            base_model=SMOLLM2, batch=4, max_steps=3, save_every=0, max_tokens=8,
-                           learning_rate=[1e-4, 5e-4], rank=[4, 8], tinker_sessions=2, output_dir=str(out),
+                           learning_rates=[1e-4, 5e-4], ranks=[4, 8], tinker_sessions=2, output_dir=str(out),
                            request_timeout=30.0)
     assert service.wait(flow_run, 600)["type"] == "COMPLETED", service.logs(flow_run)[-20:]
     children = service.children(flow_run)
@@ -88,7 +88,7 @@ def test_a_local_sweep_trains_one_configuration_at_a_time(service, small):
     out = service.root / "local-sweep"
     flow_run = service.run("lora-pipeline-sweep/sweep", dataset=str(small), split="train", max_examples=None,
                            backend="local", batch=4, max_steps=2, save_every=0, max_tokens=4,
-                           test_prompts=str(PROMPTS), learning_rate=[5e-4], rank=[4, 8], deployment=None,
+                           test_prompts=str(PROMPTS), learning_rates=[5e-4], ranks=[4, 8], deployment=None,
                            output_dir=str(out))
     assert service.wait(flow_run, 600)["type"] == "COMPLETED", service.logs(flow_run)[-20:]
     assert len(list(out.glob("lora_*/summary.json"))) == 2

@@ -31,8 +31,7 @@ def test_each_command_has_a_flag_per_setting_with_its_default(command, cls):
             assert flags[name].required, name
         else:
             assert flags[name].default == f.default, name
-        assert flags[name].choices == (list(f.metadata["choices"]) if f.metadata["choices"] else None) or \
-            tuple(flags[name].choices or ()) == f.metadata["choices"], name
+        assert tuple(flags[name].choices or ()) == (S.choices_of(f) or ()), name
 
 
 def test_run_takes_the_pipeline_flows_parameters():
@@ -126,7 +125,7 @@ def test_run_and_test_both_take_compare_base_either_way():
 # --max-tokens against its context. A new unbounded number must be added here knowingly.
 UNBOUNDED_OK = {"batch", "max_steps", "rank", "save_every", "max_length", "max_examples", "max_tokens",
                 "max_prompts", "learning_rate", "eps", "weight_decay", "temperature", "tinker_sessions",
-                "local_trainings"}
+                "local_trainings", "learning_rates", "ranks"}
 
 
 @pytest.mark.parametrize("cls", [S.PrepareSettings, S.TrainSettings, S.EvaluateSettings, S.SweepSettings,

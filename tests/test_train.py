@@ -10,7 +10,7 @@ from lora_pipeline.errors import PipelineError
 from lora_pipeline.evaluate import compare, load_prompts
 from lora_pipeline.settings import SampleSettings, TrainSettings
 from lora_pipeline.engines.local import length_chunks
-from lora_pipeline.train import TrainingRun, epoch_batches, learning_rate, normalised, train, trained_tokens
+from lora_pipeline.train import TrainingRun, epoch_batches, normalised, scheduled_lr, train, trained_tokens
 
 
 @pytest.mark.slow
@@ -116,7 +116,7 @@ def test_a_batch_computed_in_length_chunks_has_the_whole_batchs_loss_and_gradien
 
 
 def test_learning_rate_decays_linearly_from_its_peak():
-    assert [learning_rate(1e-3, s, 4) for s in (1, 2, 3, 4)] == [1e-3, 7.5e-4, 5e-4, 2.5e-4]
+    assert [scheduled_lr(1e-3, s, 4) for s in (1, 2, 3, 4)] == [1e-3, 7.5e-4, 5e-4, 2.5e-4]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -168,21 +168,19 @@ def test_a_retried_step_is_applied_exactly_once(tmp_path, small_data, fail_at):
 
     train(TrainingRun(config("clean")).open())
 
-    run = TrainingRun(config("retried")).open()
-    real_optim_step = run.engine.optim_step
-
-    def crash(step, n):
-        if n == fail_at and not crash.done:
-            crash.done = True
-            run.engine.optim_step = lambda adam: (_ for _ in ()).throw(ConnectionError("injected"))
-            try:
+    with TrainingRun(config("retried")).open() as run:
+        run.validate(0)
+        real_optim_step = run.engine.optim_step
+        for n in run.steps_left():
+            if n == fail_at:
+                run.engine.optim_step = lambda adam: (_ for _ in ()).throw(ConnectionError("injected"))
                 with pytest.raises(ConnectionError):
-                    TrainingRun.step(run, n)
-            finally:
+                    run.step(n)
                 run.engine.optim_step = real_optim_step
-        return TrainingRun.step(run, n)  # the retry
-    crash.done = False
-    train(run, step=crash)
+            run.step(n)  # the retry, for the failed step
+            if run.saves_at(n):
+                run.save_checkpoint(n)
+        run.finish()
 
     clean, retried = _adapter(tmp_path / "clean"), _adapter(tmp_path / "retried")
     assert max(float((clean[k] - retried[k]).abs().max()) for k in clean) <= 1e-6
