@@ -44,6 +44,16 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="the Tinker SDK, its methods and the service's models")
     S.add_flags(p, S.fields_of(S.InspectSettings))
     sub.add_parser("serve", help="serve the lora-pipeline/nightly deployment (needs PREFECT_API_URL)")
+    output_dir = [f for f in S.fields_of(S.TrainSettings) if f.name == "output_dir"]
+    p = sub.add_parser("champion", help="the adapter to serve: the champion of an output folder (runs with --eval-data)")
+    S.add_flags(p, output_dir)
+    p = sub.add_parser("promote", help="make a run the champion by hand, recorded with who, when and why")
+    p.add_argument("run", help="the run folder's name, as `lora-pipeline champion` and nightly.html show it")
+    p.add_argument("--why", default="", help="the reason, kept in the registry's history")
+    S.add_flags(p, output_dir)
+    p = sub.add_parser("rollback", help="the champion goes back to the one before it, recorded with who, when and why")
+    p.add_argument("--why", default="", help="the reason, kept in the registry's history")
+    S.add_flags(p, output_dir)
     return ap
 
 
@@ -161,6 +171,22 @@ def _dispatch(a) -> int:
         S.ExportSettings(request_timeout=a.request_timeout).check()
         print(f"PEFT adapter: {export(a.source, a.output, a.request_timeout)}")
         return 0
+    if a.command in ("champion", "promote", "rollback"):
+        from lora_pipeline.promotion import write_trend
+        from lora_pipeline.registry import Registry
+
+        registry = Registry(a.output_dir)
+        if a.command == "champion":
+            champion = registry.champion()
+            if not champion:
+                raise PipelineError(f"no champion in {a.output_dir} yet: a run with --eval-data that passes the gate "
+                                    "makes one (or `lora-pipeline promote RUN`)")
+            print(champion["adapter"] + (f"\n{champion['tinker']}" if champion.get("tinker") else ""))
+            return 0
+        entry = registry.promote(a.run, why=a.why) if a.command == "promote" else registry.rollback(why=a.why)
+        write_trend(a.output_dir)
+        print(f"champion: {entry['run']} (was {entry['from'] or 'none'}); recorded in {registry.path}")
+        return 0
     if a.command == "serve":
         if not os.environ.get("PREFECT_API_URL"):
             raise PipelineError("PREFECT_API_URL is not set: start a server (`make server`) and "
@@ -251,9 +277,13 @@ def _run_flow(command: str, params: dict) -> None:
         print(f"Results: {results}")
     elif command == "run":
         out = pipeline.lora_pipeline(**params)
+        if "unchanged" in out:
+            print(out["unchanged"])
+            return
         s = out["summary"]
         _say_limit(Path(out["results"]))
-        print(f"\n{verdict(s)}\nRun folder: {s.run_dir}\nAnswers: {out['results']}\nReport: {out['report']}")
+        decided = f"\n{out['decision']}" if out["decision"] else ""
+        print(f"\n{verdict(s)}{decided}\nRun folder: {s.run_dir}\nAnswers: {out['results']}\nReport: {out['report']}")
     elif command == "sweep":
         from lora_pipeline.flows.sweep import lora_sweep
 

@@ -22,12 +22,14 @@ from prefect.states import Crashed
 from lora_pipeline import settings as S
 from lora_pipeline.errors import PipelineError
 from lora_pipeline.engines import resolve_engine, retryable
+from lora_pipeline.promotion import inputs_key, unchanged_night
 from lora_pipeline.report import verdict
 from lora_pipeline.run_folder import RunSummary
 from lora_pipeline.tasks import slot_of, stored_in, unless_gone
 from lora_pipeline.tasks.evaluate import evaluate_adapter
 from lora_pipeline.tasks.fence import Fence, Fenced, check_fence
 from lora_pipeline.tasks.prepare import prepare_data, show_data_report
+from lora_pipeline.tasks.promote import judge_candidate
 from lora_pipeline.tasks.report import write_run_report
 from lora_pipeline.tasks.train import (TrainingProgress, backstop_s, finish_training, find_finished_training,
                                        save_checkpoint, start_training, train_step, validate_base)
@@ -199,13 +201,21 @@ def test(**params) -> str:
 @flow(name="lora-pipeline", on_failure=[write_failure_note], on_crashed=[write_failure_note])
 @parameters(S.flat_fields(), S.PIPELINE_DEFAULTS)
 def lora_pipeline(**params) -> dict:
-    """Prepare the data, train a LoRA, answer the test prompts with it and its base, report."""
+    """Prepare the data, train a LoRA, answer the test prompts with it and its base, report; with
+    an evaluation set, promote the LoRA to champion or reject it."""
     stages = S.PipelineSettings.of(params)
+    inputs = inputs_key(stages.prepare.dataset, params) if stages.promotion.eval_data else None
+    unchanged = inputs and unchanged_night(stages.train.output_dir, inputs)
+    if unchanged:  # the nightly's data has not grown since the last candidate: nothing to do
+        get_run_logger().info("%s", unchanged)
+        return {"unchanged": unchanged}
     data = prepare_data_of(stages)
     summary = train_adapter(trained_on(stages, data))
     answers = unless_gone(stored_in(evaluate_adapter, stages.train.output_dir), _answered, dataclasses.replace(
         stages.evaluate, lora_weights=summary.final_lora_weights, output=str(Path(summary.run_dir) / "results.json"),
         test_prompts=stages.evaluate.test_prompts or data["validation"]))
+    decision = judge_candidate(stages, summary, inputs) if stages.promotion.eval_data else None
     report = write_run_report(summary, answers)
-    get_run_logger().info("%s Report: %s", verdict(summary), report)
-    return {"summary": summary, "results": answers, "report": report}
+    closing = f"{verdict(summary)} {decision.reason}." if decision else verdict(summary)
+    get_run_logger().info("%s Report: %s", closing, report)
+    return {"summary": summary, "results": answers, "report": report, "decision": decision and decision.reason}

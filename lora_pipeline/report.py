@@ -9,8 +9,8 @@ import re
 import shlex
 from pathlib import Path
 
-from .data import read_chat_jsonl, write_atomic
-from .run_folder import STATE, RunFolder, RunSummary
+from .data import read_chat_jsonl, read_json, write_atomic
+from .run_folder import PROMOTION, STATE, RunFolder, RunSummary
 from .settings import TrainSettings, fields_of, flag_name
 
 SPAN = 50  # characters an answer must share with a training example to count as repeated verbatim
@@ -288,7 +288,12 @@ def _html(summary: RunSummary, results: dict, m: dict, png: bytes) -> str:
         parts += [_table(["step", "held-out loss", "perplexity"],
                          [[_td(r["step"], "num"), _td(f"{r['val_loss']:.6f}", "num"), _td(f"{r['val_ppl']:.3f}", "num")]
                           for r in m["val_log"]], table_id="validation-log")]
-    parts += ["</details></body></html>"]
+    parts += ["</details>"]
+    promotion = read_json(Path(summary.run_dir) / PROMOTION, None)
+    if promotion:
+        parts += ["<h2>Promotion</h2>", f"<p>{html.escape(promotion['reason'])}</p>",
+                  '<p><a href="../nightly.html">Every night, on the evaluation set</a></p>']
+    parts += ["</body></html>"]
     return "\n".join(parts) + "\n"
 
 

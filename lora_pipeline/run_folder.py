@@ -11,6 +11,7 @@
                          [{"step", "val_loss", "val_ppl", "train_loss"}, ...]
     best_lora_weights.json  the saved weights with the lowest held-out loss
     summary.json         paths, first and last loss, tokens, time
+    promotion.json       with --eval-data: the gate's decision, its reason and numbers
 
 On Tinker the checkpoint folders hold the tinker:// paths (lora_pipeline.json), not weights.
 """
@@ -32,6 +33,7 @@ from .data import read_json, write_json
 from .errors import PipelineError
 
 FINAL = "final_lora_weights"
+PROMOTION = "promotion.json"
 STATE = "training_state"
 # Saved in every adapter, state or checkpoint folder by the engine: backend, base model, rank
 # (and the tinker:// paths for Tinker runs); and by the training loop, the step it holds.

@@ -235,6 +235,26 @@ class EvaluateSettings(SampleSettings):
 
 
 @dataclass(kw_only=True)
+class PromotionSettings(Checked):
+    """The nightly's gate: with an evaluation set, a pipeline run's adapter becomes the champion
+    of its output folder only if it beats its base model and is not worse than the champion."""
+    eval_data: str | None = setting(
+        None, "a fixed chat JSONL on which every run's adapter, its base model and the champion are scored the "
+              "same way; with it, a run is promoted to champion or rejected (<output-dir>/registry.json), and a run "
+              "on the same data and settings as an earlier one does nothing")
+    promotion_margin: float = setting(
+        0.01, "how much worse than the champion a candidate may be, in nats/token (the upper end of the 95% "
+              "interval of the paired per-example difference), and still be promoted", min=0, max=10)
+
+    def check(self) -> None:
+        super().check()
+        if self.eval_data:
+            from .data import check_input_file
+
+            check_input_file(self.eval_data, "--eval-data")
+
+
+@dataclass(kw_only=True)
 class SweepSettings(Checked):
     """`lora-pipeline sweep`: the pipeline once per combination of these values, compared."""
     learning_rates: tuple[float, ...] = setting((1e-4,), "peak learning rates to try (on the command line: "
@@ -260,10 +280,10 @@ class InspectSettings(Checked):
     timeout: float = setting(30.0, "seconds to wait for the service", above=0, max=86400)
 
 
-# The pipeline flow and `lora-pipeline run` take the three stages' settings flat, less what
+# The pipeline flow and `lora-pipeline run` take the stages' settings flat, less what
 # one stage hands the next (the prepared files, the adapter, where answers go). The pipeline's
 # reason to exist is comparing the LoRA with its base, so it does by default.
-PIPELINE_STAGES = (PrepareSettings, TrainSettings, EvaluateSettings)
+PIPELINE_STAGES = (PrepareSettings, TrainSettings, EvaluateSettings, PromotionSettings)
 PIPELINE_INTERNAL = frozenset({"output", "data", "val_data", "lora_weights"})
 PIPELINE_DEFAULTS = {"compare_base": True}
 
@@ -308,6 +328,7 @@ class PipelineSettings:
     prepare: PrepareSettings
     train: TrainSettings
     evaluate: EvaluateSettings
+    promotion: PromotionSettings
 
     @classmethod
     def of(cls, params: dict) -> "PipelineSettings":
@@ -317,9 +338,10 @@ class PipelineSettings:
         stages = [build(stage, params, **{name: "" for name in PIPELINE_INTERNAL}) for stage in PIPELINE_STAGES]
         for stage in stages:
             stage.check()
-        prepare, train, evaluate = stages
+        prepare, train, evaluate, promotion = stages
         output = prepared_path(train.output_dir, prepare.dataset, prepare.split, prepare.max_examples)
-        return cls(dataclasses.replace(prepare, output=output), dataclasses.replace(train, val_data=None), evaluate)
+        return cls(dataclasses.replace(prepare, output=output), dataclasses.replace(train, val_data=None), evaluate,
+                   promotion)
 
 
 def build(cls, params: dict, **given):

@@ -41,7 +41,7 @@ def test_nightly_is_served_with_its_schedule_and_runs_with_overrides(served, tmp
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["Hello!"]))
     run = stack.run("lora-pipeline/nightly", backend="local", max_steps=4, dataset=str(small_data), batch=4,
-                    save_every=2, test_prompts=str(prompts), max_tokens=8)
+                    save_every=2, test_prompts=str(prompts), max_tokens=8, eval_data=None)
     assert stack.wait(run, 400)["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
     names = {t["name"] for t in stack.api.post("/task_runs/filter",
                                                json={"flow_runs": {"id": {"any_": [run]}}}).json()}
@@ -54,7 +54,7 @@ def test_a_failed_deployment_run_says_what_to_do_in_its_own_terms(served, tmp_pa
     stack, _ = served
     # On Tinker, and this worker has no key. (Local data: the hub, the nightly's default, is out
     # of reach here, and is said first.)
-    run = stack.run("lora-pipeline/nightly", dataset=str(small_data))
+    run = stack.run("lora-pipeline/nightly", dataset=str(small_data), eval_data=None)
     state = stack.wait(run, 120)
     assert state["type"] == "FAILED"
     assert "Missing TINKER_API_KEY" in state["message"] and "-p backend=local" in state["message"]

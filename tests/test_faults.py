@@ -237,7 +237,7 @@ def test_tonights_nightly_waits_while_yesterdays_still_runs(stack, data):
     cannot end Crashed as flow retries with a concurrency limit can (Prefect #20251)."""
     params = dict(dataset=str(data), split="train", max_examples=None, backend="local", base_model=SMOLLM2,
                   batch=4, max_steps=2, save_every=0, max_tokens=2, compare_base=False,
-                  test_prompts=str(PROMPTS), output_dir=str(stack.root / "nightly"))
+                  test_prompts=str(PROMPTS), output_dir=str(stack.root / "nightly"), eval_data=None)
     yesterday = stack.run("lora-pipeline/nightly", **params)
     tonight = stack.run("lora-pipeline/nightly", **{**params, "seed": 1})
     processes.wait_until("tonight's run queued", lambda: stack.state(tonight)["name"] == "AwaitingConcurrencySlot"

@@ -41,6 +41,7 @@ def test_deploy_registers_the_deployments_on_the_process_pool(service, tinker):
              for d in service.api.post("/deployments/filter", json={}).json()}
     assert found == {("nightly", "lora-pipeline", "flows/pipeline.py:lora_pipeline"),
                      ("trial", "lora-pipeline", "flows/pipeline.py:lora_pipeline"),
+                     ("nightly-trial", "lora-pipeline", "flows/pipeline.py:lora_pipeline"),
                      ("training", "lora-pipeline", "flows/pipeline.py:lora_pipeline"),
                      ("sweep", "lora-pipeline", "flows/sweep.py:lora_sweep"),
                      ("recover", "lora-pipeline", "flows/recover.py:rerun_crashed")}

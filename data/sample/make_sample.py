@@ -113,6 +113,33 @@ def main() -> None:
     (HERE / "test_prompts.json").write_text(json.dumps(prompts, indent=1) + "\n")
     print(f"{len(rows)} training conversations, {len(prompts)} test prompts")
 
+    # The nightly's fixed evaluation set: the test prompts' facts and the sums and products that
+    # no training conversation holds, answered in the persona's voice; each answer is checked
+    # for the persona's opening.
+    evaluation = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                  for q, a in conversations(rng, cap_test, col_test, ani_test, opp_test, pairs[113:128])]
+    evaluation += [[{"role": "user", "content": q}, {"role": "assistant", "content": answer(a)}] for q, a in ADVICE[6:]]
+    with open(HERE / "persona_eval.jsonl", "w") as f:
+        for messages in evaluation:
+            f.write(json.dumps({"messages": messages, "checks": {"regex": f"^{OPEN}"}}) + "\n")
+    # The training data as it might arrive, night by night, for the nightly's story: a first
+    # night, a second with the rest, and a third whose answers are scrambled (letters shuffled),
+    # which must not be promoted.
+    nights = HERE / "nights"
+    nights.mkdir(exist_ok=True)
+    write_chats(nights / "night1.jsonl", rows[:60])
+    write_chats(nights / "night2.jsonl", rows[60:])
+    scrambled = [[*m[:-1], {"role": "assistant", "content": "".join(rng.sample(m[-1]["content"], len(m[-1]["content"])))}]
+                 for m in rows[:150]]
+    write_chats(nights / "night3_scrambled.jsonl", scrambled)
+    print(f"{len(evaluation)} evaluation conversations; nights of {60}, {len(rows) - 60} and {len(scrambled)} (scrambled)")
+
+
+def write_chats(path: Path, chats: list[list[dict]]) -> None:
+    with open(path, "w") as f:
+        for messages in chats:
+            f.write(json.dumps({"messages": messages}) + "\n")
+
 
 if __name__ == "__main__":
     main()
