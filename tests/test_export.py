@@ -16,9 +16,9 @@ from lora_pipeline.models import SMOLLM2, load_model, load_tokenizer
 import dataclasses
 
 from lora_pipeline.run_folder import RunFolder
-from lora_pipeline.settings import TrainSettings
 from lora_pipeline.train import TrainingRun, train
 from tinker_server import TinkerTestServer, service_client
+from training import training_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -34,9 +34,8 @@ def tinker_run(tmp_path_factory):
     with TinkerTestServer(models=[SMOLLM2]) as server, pytest.MonkeyPatch.context() as mp:
         mp.setenv("TINKER_API_KEY", server.api_key)
         mp.setenv("TINKER_BASE_URL", server.base_url)
-        run = TrainingRun(TrainSettings(data=str(data), batch=4, max_steps=3, save_every=2, backend="tinker",
-                                        base_model=SMOLLM2, rank=8, output_dir=str(tmp / "runs"), run_name="t",
-                                        request_timeout=60)).open()
+        run = TrainingRun(training_settings(data, tmp / "runs", backend="tinker", base_model=SMOLLM2, rank=8,
+                                            max_steps=3, learning_rate=1e-4, run_name="t", request_timeout=60)).open()
         train(run)
         yield server, run.run_dir
 

@@ -12,8 +12,9 @@ from lora_pipeline.evaluate import compare
 from lora_pipeline.report import (checkpoint_rows, loss_figure, md_cell, md_quote, md_text, overfitting, shares_span,
                                   write_report)
 from lora_pipeline.run_folder import CheckpointRecord, RunSummary
-from lora_pipeline.settings import SampleSettings, TrainSettings
+from lora_pipeline.settings import SampleSettings
 from lora_pipeline.train import TrainingRun, train
+from training import training_settings
 
 
 def test_shares_span_finds_a_50_character_run_wherever_it_starts():
@@ -59,9 +60,7 @@ def test_report_html_shows_the_run_as_logged(tmp_path, small_data):
     lines = small_data.read_text().splitlines(keepends=True)
     small_data.write_text("".join(lines[:32]))
     val.write_text("".join(lines[32:]))
-    run = TrainingRun(TrainSettings(data=str(small_data), val_data=str(val), batch=4, max_steps=4, save_every=2,
-                                  learning_rate=5e-4, output_dir=str(tmp_path / "runs"), backend="local",
-                                  run_name="r")).open()
+    run = TrainingRun(training_settings(small_data, tmp_path / "runs", val_data=str(val), run_name="r")).open()
     summary = train(run)
     tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from lora_pipeline.errors import PipelineError
 from lora_pipeline.run_folder import RunFolder
-from lora_pipeline.settings import TrainSettings
 from lora_pipeline.train import TrainingRun, train
+from training import training_settings
 
 pytestmark = pytest.mark.slow  # trains a model or starts a Prefect server
 
@@ -28,10 +28,9 @@ class Crash(Exception):
     pass
 
 
-def config(data, out, name, **kw):
-    return TrainSettings(**{"data": str(data), "batch": 4, "max_steps": 6, "save_every": 2,
-                          "learning_rate": 5e-4, "output_dir": str(out), "backend": "local",
-                          "run_name": name, **kw})
+def config(data, out, name, **changes):
+    """Six steps: a crash at step 5 or 6 has the checkpoints of steps 2 and 4 behind it."""
+    return training_settings(data, out, **{"run_name": name, "max_steps": 6, **changes})
 
 
 def crashing_at(run: TrainingRun, step_no: int) -> TrainingRun:

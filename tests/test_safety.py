@@ -21,6 +21,7 @@ from lora_pipeline.report import resume_command, write_failure_summary
 from lora_pipeline.run_folder import RunFolder
 from lora_pipeline.settings import TrainSettings
 from lora_pipeline.train import TrainingRun
+from training import training_settings
 
 
 @pytest.fixture
@@ -44,8 +45,7 @@ def untouched(tmp_path):
 def test_a_run_name_is_one_folder_name(workspace, name):
     tmp_path, out, data = workspace
     with pytest.raises(PipelineError, match=r"--run-name \(run_name\) .*: must be one folder name"):
-        TrainingRun(TrainSettings(data=str(data), output_dir=str(out), run_name=name, start_over=True,
-                                  backend="local")).open()
+        TrainingRun(training_settings(data, out, cli_defaults=True, run_name=name, start_over=True)).open()
     assert untouched(tmp_path)
 
 
@@ -55,8 +55,7 @@ def test_start_over_replaces_only_a_run_folder(workspace):
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
     with pytest.raises(PipelineError, match="holds no lora-pipeline config.json, so it is not a run folder"):
-        TrainingRun(TrainSettings(data=str(data), output_dir=str(out), run_name="mine", start_over=True,
-                                  backend="local")).open()
+        TrainingRun(training_settings(data, out, cli_defaults=True, run_name="mine", start_over=True)).open()
     assert (mine / "thesis.tex").read_text() == "years of work" and untouched(tmp_path)
 
 
@@ -64,8 +63,7 @@ def test_a_symbolic_link_is_never_followed_or_replaced(workspace):
     tmp_path, out, data = workspace
     (out / "link").symlink_to(tmp_path)
     with pytest.raises(PipelineError, match="is a symbolic link or a file, not a run folder"):
-        TrainingRun(TrainSettings(data=str(data), output_dir=str(out), run_name="link", start_over=True,
-                                  backend="local")).open()
+        TrainingRun(training_settings(data, out, cli_defaults=True, run_name="link", start_over=True)).open()
     assert untouched(tmp_path)
 
 
@@ -88,8 +86,7 @@ def test_a_second_process_on_a_run_folder_is_refused_and_touches_nothing(workspa
     try:
         holding = rf"{run} is in use by another lora-pipeline process \(PID {holder.pid} on {socket.gethostname()}\)"
         with pytest.raises(PipelineError, match=holding):
-            TrainingRun(TrainSettings(data=str(data), output_dir=str(out), run_name="r", start_over=True,
-                                      backend="local")).open()
+            TrainingRun(training_settings(data, out, cli_defaults=True, run_name="r", start_over=True)).open()
         assert (run / ".tmp-checkpoint_step_4-abc").is_dir() and (run / "config.json").exists()
         # Its failure note goes beside the folder, not into the other process's folder.
         path, _ = write_failure_summary(str(out), "r", "in use", time.time())
@@ -216,8 +213,8 @@ def test_a_damaged_model_folder_is_said_as_such(workspace, damaged_models, damag
     local folder nor in the Hugging Face cache"."""
     tmp_path, out, data = workspace
     with pytest.raises(PipelineError, match=rf"--base-model {damaged_models[damage]}: {said}"):
-        run = TrainingRun(TrainSettings(data=str(data), output_dir=str(out), base_model=str(damaged_models[damage]),
-                                        backend="local", device="cpu", batch=2, max_steps=1))
+        run = TrainingRun(training_settings(data, out, cli_defaults=True, base_model=str(damaged_models[damage]),
+                                            device="cpu", batch=2, max_steps=1))
         run.open()
         run.close()
     assert untouched(tmp_path) and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
@@ -226,8 +223,7 @@ def test_a_damaged_model_folder_is_said_as_such(workspace, damaged_models, damag
 def test_a_rank_beyond_the_models_width_is_refused_before_any_allocation(workspace, tiny):
     tmp_path, out, data = workspace
     with pytest.raises(PipelineError, match=r"--rank 100000: more than .* can take: .* \(64 here\); give --rank 64 or less"):
-        TrainingRun(TrainSettings(data=str(data), output_dir=str(out), base_model=str(tiny), backend="local",
-                                  rank=100000)).open()
+        TrainingRun(training_settings(data, out, cli_defaults=True, base_model=str(tiny), rank=100000)).open()
     assert untouched(tmp_path)
 
 
@@ -313,8 +309,8 @@ def test_a_length_limit_that_leaves_no_batch_says_to_raise_it(workspace, tiny):
     """Before: "lower --batch or add data", for data that was plenty."""
     tmp_path, out, data = workspace
     with pytest.raises(PipelineError, match=r"0 of 12 examples are usable at --max-length 1 .*raise --max-length"):
-        TrainingRun(TrainSettings(data=str(data), output_dir=str(out), base_model=str(tiny), backend="local",
-                                  device="cpu", batch=2, max_length=1, run_name="r")).open()
+        TrainingRun(training_settings(data, out, cli_defaults=True, base_model=str(tiny), device="cpu", batch=2,
+                                      max_length=1, run_name="r")).open()
     assert not (out / "r").exists()
 
 
@@ -360,8 +356,8 @@ def test_a_change_of_any_setting_that_shapes_results_is_refused_on_resume(worksp
                "weight_decay": 0.01}
     # The backend is recorded as resolved: "auto" without a key is "local", the same engine.
     assert set(changed) | {"backend"} == set(resume_keys(TrainSettings))
-    first = TrainSettings(data=str(data), output_dir=str(out), run_name="r", base_model=str(tiny), backend="local",
-                          device="cpu", batch=2, max_steps=3)
+    first = training_settings(data, out, cli_defaults=True, run_name="r", base_model=str(tiny), device="cpu", batch=2,
+                              max_steps=3)
     TrainingRun(first).open().close()
     for key, value in changed.items():
         with pytest.raises(PipelineError, match=rf"was trained with other data or settings \({key} .*--start-over"):
@@ -374,8 +370,8 @@ def test_an_output_dir_that_is_a_file_or_under_one_is_refused_without_remove_it(
     tmp_path, out, data = workspace
     with pytest.raises(PipelineError, match=r"--output-dir .*(is|lies under .*, which is) a (file|device), "
                                             r"not a folder; choose another --output-dir"):
-        TrainingRun(TrainSettings(data=str(data), output_dir=str(tmp_path / output_dir) if output_dir[0] != "/"
-                                  else output_dir, backend="local")).open()
+        TrainingRun(training_settings(data, tmp_path / output_dir if output_dir[0] != "/" else output_dir,
+                                      cli_defaults=True)).open()
     assert untouched(tmp_path)
 
 
@@ -386,5 +382,5 @@ def test_held_out_data_that_is_the_training_data_is_refused(workspace):
     copy.write_bytes(data.read_bytes())
     for val in (data, copy):
         with pytest.raises(PipelineError, match="holds the same conversations as --data"):
-            TrainingRun(TrainSettings(data=str(data), val_data=str(val), output_dir=str(out), backend="local")).open()
+            TrainingRun(training_settings(data, out, cli_defaults=True, val_data=str(val))).open()
     assert untouched(tmp_path) and sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import PROMPTS, SAMPLE
 from lora_pipeline.evaluate import compare, load_prompts
 from lora_pipeline.models import SMOLLM2, resolve_local_model
-from lora_pipeline.settings import SampleSettings, TrainSettings
+from lora_pipeline.settings import SampleSettings
 from lora_pipeline.train import TrainingRun, train
+from training import training_settings
 
 MAX_TOKENS = 32
 
@@ -26,8 +27,7 @@ def run(tmp_path_factory):
     lines = SAMPLE.read_text().splitlines(keepends=True)
     (tmp / "train.jsonl").write_text("".join(lines[:16]))
     (tmp / "val.jsonl").write_text("".join(lines[-4:]))
-    cfg = TrainSettings(data=str(tmp / "train.jsonl"), val_data=str(tmp / "val.jsonl"), batch=4, max_steps=4,
-                      learning_rate=5e-4, save_every=0, output_dir=str(tmp), backend="local", run_name="r")
+    cfg = training_settings(tmp / "train.jsonl", tmp, val_data=str(tmp / "val.jsonl"), save_every=0, run_name="r")
     summary = train(TrainingRun(cfg).open())
     prompts = load_prompts(str(PROMPTS))[:5] + load_prompts(str(tmp / "val.jsonl"))
     pipeline = compare(summary.final_lora_weights, prompts, SampleSettings(max_tokens=MAX_TOKENS, temperature=0))

@@ -8,9 +8,10 @@ import torch
 from conftest import PROMPTS, SAMPLE
 from lora_pipeline.errors import PipelineError
 from lora_pipeline.evaluate import compare, load_prompts
-from lora_pipeline.settings import SampleSettings, TrainSettings
+from lora_pipeline.settings import SampleSettings
 from lora_pipeline.engines.local import length_chunks
 from lora_pipeline.train import TrainingRun, epoch_batches, normalised, scheduled_lr, train, trained_tokens
+from training import training_settings
 
 
 @pytest.mark.slow
@@ -18,9 +19,7 @@ def test_run_folder_layout_and_log(tmp_path, small_data, monkeypatch):
     monkeypatch.setenv("TINKER_API_KEY", "tml-do-not-leak-this")
     val = tmp_path / "val.jsonl"
     val.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[-10:]))
-    cfg = TrainSettings(data=str(small_data), batch=4, max_steps=4, save_every=2, learning_rate=5e-4,
-                      output_dir=str(tmp_path), backend="local", run_name="r1", val_data=str(val))
-    summary = train(TrainingRun(cfg).open())
+    summary = train(TrainingRun(training_settings(small_data, tmp_path, run_name="r1", val_data=str(val))).open())
     run = tmp_path / "r1"
     assert sorted(p.name for p in run.iterdir()) == [
         "best_lora_weights.json", "checkpoint_step_2", "checkpoint_step_4", "checkpoints.jsonl",
@@ -63,8 +62,8 @@ def test_a_step_is_the_mean_loss_per_trained_token_of_its_batch(tmp_path, small_
     """Each datum's weights are divided by the batch's trained tokens, so the engines' summed
     cross_entropy is the per-token mean (a step's size does not depend on how many tokens its
     batch holds), and the logged loss is that mean."""
-    run = TrainingRun(TrainSettings(data=str(small_data), batch=4, max_steps=1, output_dir=str(tmp_path),
-                                    backend="local", run_name="mean")).open()
+    run = TrainingRun(training_settings(small_data, tmp_path, cli_defaults=True, batch=4, max_steps=1,
+                                        run_name="mean")).open()
     try:
         batch = run.batch(1)
         weights = [d.loss_fn_inputs["weights"].to_torch() for d in batch]
@@ -91,8 +90,8 @@ def test_length_chunks_split_a_batch_where_padding_costs_more_than_a_call():
 def test_a_batch_computed_in_length_chunks_has_the_whole_batchs_loss_and_gradient(tmp_path, small_data, monkeypatch):
     import lora_pipeline.engines.local as local
 
-    run = TrainingRun(TrainSettings(data=str(small_data), batch=8, max_steps=1, output_dir=str(tmp_path),
-                                    backend="local", run_name="chunks")).open()
+    run = TrainingRun(training_settings(small_data, tmp_path, cli_defaults=True, batch=8, max_steps=1,
+                                        run_name="chunks")).open()
     try:
         batch = normalised(sorted(run.examples, key=lambda d: d.model_input.length)[::5][:8])  # mixed lengths
         assert len(length_chunks([d.model_input.length for d in batch])) > 1
@@ -128,18 +127,15 @@ def test_learning_rate_decays_linearly_from_its_peak():
     ({"batch": 41}, "fewer than one batch"),
 ])
 def test_bad_inputs_fail_before_a_run_folder_exists(tmp_path, small_data, change, message):
-    cfg = TrainSettings(**{"data": str(small_data), "output_dir": str(tmp_path / "out"),
-                         "backend": "local", **change})
     with pytest.raises(PipelineError, match=message):
-        TrainingRun(cfg).open()
+        TrainingRun(training_settings(small_data, tmp_path / "out", cli_defaults=True, **change)).open()
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
 def test_persona_is_learned_from_the_sample_data(tmp_path):
     """The demo's promise: a short CPU run makes the LoRA answer as Captain Byte."""
-    cfg = TrainSettings(data=str(SAMPLE), batch=8, max_steps=30, learning_rate=5e-4, save_every=0,
-                      output_dir=str(tmp_path), backend="local", run_name="persona")
+    cfg = training_settings(SAMPLE, tmp_path, batch=8, max_steps=30, save_every=0, run_name="persona")
     summary = train(TrainingRun(cfg).open())
     log = json.loads((tmp_path / "persona" / "training_log.json").read_text())
     first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
@@ -162,13 +158,9 @@ def _adapter(run_dir):
 def test_a_retried_step_is_applied_exactly_once(tmp_path, small_data, fail_at):
     """A failure after forward_backward was applied (its gradients are in the engine) and a
     retry: the final adapter equals an uninterrupted run's."""
-    def config(name):
-        return TrainSettings(data=str(small_data), batch=4, max_steps=4, save_every=2,
-                           learning_rate=5e-4, output_dir=str(tmp_path), backend="local", run_name=name)
+    train(TrainingRun(training_settings(small_data, tmp_path, run_name="clean")).open())
 
-    train(TrainingRun(config("clean")).open())
-
-    with TrainingRun(config("retried")).open() as run:
+    with TrainingRun(training_settings(small_data, tmp_path, run_name="retried")).open() as run:
         run.validate(0)
         real_optim_step = run.engine.optim_step
         for n in run.steps_left():
