@@ -15,23 +15,63 @@ from .data import check_input_file, file_sha256, folder_sha256, held_out_beside,
 from .engines import check_base_model, choose_backend, default_base_model
 from .errors import PipelineError
 from .models import check_rank, resolve_device
-from .run_folder import FINAL, FORMAT, RunFolder, RunSummary
+from .registry import Registry
+from .run_folder import FINAL, FORMAT, INFO_FILE, STATE, RunFolder, RunSummary
 from .settings import TrainSettings, resume_keys
 
 # What must match for a run folder to be continued: the data, the held-out data (its losses are
 # compared across the run: two held-out sets in one validation log would compare nothing) and
 # the settings that shape the steps (marked in settings.py). Where checkpoints go, how often,
 # and timeouts may change.
-RESUME_KEYS = ("data_sha256", "val_data_sha256", *resume_keys(TrainSettings))
+RESUME_KEYS = ("data_sha256", "val_data_sha256", "init_from_sha256", *resume_keys(TrainSettings))
 # How a changed key is named to the user, where its name alone would not say.
-KEY_NAMES = {"data_sha256": "the content of --data", "val_data_sha256": "the held-out data (--val-data)"}
+KEY_NAMES = {"data_sha256": "the content of --data", "val_data_sha256": "the held-out data (--val-data)",
+             "init_from_sha256": "the weights of --init-from"}
+
+
+def initial_weights(init_from: str | None, output_dir: str, backend: str, rank: int) -> tuple:
+    """What `--init-from` names, as the engine loads it (a PEFT adapter folder locally, a
+    tinker:// state path on Tinker), and what identifies its content; (None, None) for a fresh
+    LoRA, and for `champion` while the output folder has none."""
+    if not init_from:
+        return None, None
+    if init_from == "champion":
+        champion = Registry(output_dir).champion()
+        if not champion:
+            return None, None
+        init_from = champion["run_dir"]
+    if init_from.startswith("tinker://"):
+        if backend != "tinker":
+            raise PipelineError(f"--init-from {init_from}: a Tinker state trains on --backend tinker; to train "
+                                "locally, export it (lora-pipeline export) and give the folder")
+        return init_from, init_from
+    source = Path(init_from)
+    run = RunFolder(source)
+    config = run.read_config() if (source / "config.json").is_file() else None
+    if backend == "tinker":
+        state = json.loads((source / STATE / INFO_FILE).read_text()).get("state_path") \
+            if (source / STATE / INFO_FILE).is_file() else None
+        if not (state or "").startswith("tinker://"):
+            raise PipelineError(f"--init-from {init_from}: not a finished Tinker run folder (no tinker:// "
+                                f"{STATE}); give a Tinker run folder or a tinker:// state path")
+        return state, state
+    adapter = source / FINAL if config else source
+    if not (adapter / "adapter_config.json").is_file():
+        raise PipelineError(f"--init-from {init_from}: neither a finished run folder nor a PEFT adapter folder "
+                            "(no adapter_config.json)")
+    held = json.loads((adapter / "adapter_config.json").read_text()).get("r")
+    if held != rank:
+        raise PipelineError(f"--init-from {init_from}: a rank-{held} adapter; pass --rank {held}")
+    return str(adapter.resolve()), folder_sha256(adapter)
 
 
 def run_folder_name(values: dict) -> str:
     """lora_<model>_<key>: the key is eight hex digits of what the run's steps depend on
     (RESUME_KEYS: the data's hash and the settings), so the same command, or the same
     deployment run, finds its own earlier run folder again and continues it."""
-    key = hashlib.sha256(json.dumps([values[k] for k in RESUME_KEYS]).encode()).hexdigest()[:8]
+    # --init-from counts only when given: the folders of runs made before it existed keep their names.
+    keyed = [values[k] for k in RESUME_KEYS if not (k == "init_from_sha256" and values[k] is None)]
+    key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:8]
     return f"lora_{slug(values['base_model'])}_{key}"
 
 
@@ -61,6 +101,8 @@ class RunConfig:
                   "data_sha256": file_sha256(Path(s.data)), "val_data": val_data and os.path.abspath(val_data),
                   "val_data_sha256": val_data and file_sha256(Path(val_data)),
                   "backend_requested": s.backend, "backend": self.backend, "base_model": self.base_model}
+        values["init_weights"], values["init_from_sha256"] = initial_weights(s.init_from, s.output_dir,
+                                                                            self.backend, s.rank)
         if val_data and values["val_data_sha256"] == values["data_sha256"]:
             raise PipelineError(f"--val-data {val_data}: holds the same conversations as --data {s.data}; a held-out "
                                 "loss on training data would say nothing of generalising. Give held-out data "

@@ -194,6 +194,10 @@ class TrainSettings(Checked, BaseModelChoice, Seeded, LengthLimit, Placement, De
     beta2: float = setting(0.95, "AdamW beta2", min=0, below=1, shapes_training=True)
     eps: float = setting(1e-8, "AdamW epsilon", above=0, shapes_training=True)
     weight_decay: float = setting(0.0, "AdamW weight decay", min=0, shapes_training=True)
+    init_from: str | None = setting(
+        None, "start from an existing adapter's LoRA weights, with a fresh optimizer, instead of a fresh LoRA: "
+              "`champion` (the champion of --output-dir; a fresh LoRA while there is none), a run folder, an "
+              "adapter folder (local), or a tinker:// state path (tinker)")
     concurrency_limit: str | None = setting(
         None, "a Prefect global concurrency limit to hold a slot of while training (a sweep through a "
               "deployment sets it, so that its trainings on the workers are bounded)")

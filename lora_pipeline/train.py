@@ -208,8 +208,8 @@ class TrainingRun:
 
     def _new_engine(self):
         s = self.settings
-        return make_engine(self.backend, self.base_model, rank=s.rank, seed=s.seed,
-                           request_timeout=s.request_timeout, root=self.run_dir, device=s.device, dtype=s.dtype)
+        return make_engine(self.backend, self.base_model, rank=s.rank, seed=s.seed, request_timeout=s.request_timeout,
+                           root=self.run_dir, device=s.device, dtype=s.dtype, init_from=self.config.values["init_weights"])
 
     @property
     def placement(self) -> dict | None:

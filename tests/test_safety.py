@@ -328,10 +328,10 @@ def test_tinker_with_its_tokenizer_out_of_reach_is_said_at_once(monkeypatch):
 
 
 # The settings that may differ when a run folder is continued: where it goes, how often it saves,
-# where it computes, how long a call or a wait may take (--data and --val-data count by content).
-# Every other setting shapes the results, and a resume must refuse a change of it.
-MAY_CHANGE_ON_RESUME = {"data", "val_data", "output_dir", "run_name", "start_over", "save_every", "device", "dtype",
-                        "request_timeout", "concurrency_limit", "lock_wait"}
+# where it computes, how long a call or a wait may take (--data, --val-data and --init-from count
+# by content). Every other setting shapes the results, and a resume must refuse a change of it.
+MAY_CHANGE_ON_RESUME = {"data", "val_data", "init_from", "output_dir", "run_name", "start_over", "save_every", "device",
+                        "dtype", "request_timeout", "concurrency_limit", "lock_wait"}
 
 
 def test_every_setting_is_checked_on_resume_or_known_not_to_shape_results():

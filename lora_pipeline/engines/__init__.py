@@ -133,18 +133,20 @@ def check_tinker_ready() -> None:
 
 def make_engine(backend: str, base_model: str, *, rank: int, seed: int, request_timeout: float,
                 root: str | Path | None = None, weights: dict | None = None, device: str = "auto",
-                dtype: str = "auto") -> Engine:
-    """The engine of `backend`: a fresh LoRA of `rank` whose saves go under `root`, or, given
-    `weights` (the lora_pipeline.json info saved beside an adapter), one that samples from
-    those saved weights and from their base. `device` and `dtype` place the local engine
-    (settings.Placement); Tinker's runs on the service."""
+                dtype: str = "auto", init_from: str | None = None) -> Engine:
+    """The engine of `backend`: a fresh LoRA of `rank` whose saves go under `root` (or one
+    starting from the saved weights `init_from`, a PEFT adapter folder locally, a tinker://
+    state path on Tinker, with a fresh optimizer), or, given `weights` (the lora_pipeline.json
+    info saved beside an adapter), one that samples from those saved weights and from their
+    base. `device` and `dtype` place the local engine (settings.Placement); Tinker's runs on
+    the service."""
     if backend == "tinker":
         check_tinker_ready()
         from .tinker_engine import TinkerEngine
 
         return TinkerEngine(base_model, rank, seed, root, request_timeout,
-                            sampler_path=weights["sampler_path"] if weights else None)
+                            sampler_path=weights["sampler_path"] if weights else None, init_from=init_from)
     from .local import LocalEngine
 
-    return LocalEngine(base_model, rank, seed, root=root, adapter=weights["folder"] if weights else None,
+    return LocalEngine(base_model, rank, seed, root=root, adapter=weights["folder"] if weights else init_from,
                        device=device, dtype=dtype)

@@ -132,9 +132,10 @@ class TinkerEngine:
     remote = True  # calls queue on the service, which runs them in lock-step clock cycles
 
     def __init__(self, base_model: str, rank: int, seed: int, root: Path | None,
-                 request_timeout: float = 120.0, sampler_path: str | None = None):
-        """A new LoRA training run on `base_model`; or, given the `sampler_path` of saved
-        weights, an engine that only samples (from those weights or from the base)."""
+                 request_timeout: float = 120.0, sampler_path: str | None = None, init_from: str | None = None):
+        """A new LoRA training run on `base_model` (starting from the weights of the tinker://
+        state `init_from`, with a fresh optimizer, if given); or, given the `sampler_path` of
+        saved weights, an engine that only samples (from those weights or from the base)."""
         self.base_model, self.rank, self.seed = base_model, rank, seed
         self.sampler_path = sampler_path
         self.root = Path(root) if root else None
@@ -151,8 +152,12 @@ class TinkerEngine:
         self.client = None
         if not sampler_path:
             try:
-                self.client = self._create("create_lora_training_client",
-                                           lambda: self.service.create_lora_training_client(base_model, rank=rank, seed=seed))
+                if init_from:
+                    self.client = self._create("create_training_client_from_state",
+                                               lambda: self.service.create_training_client_from_state(init_from))
+                else:
+                    self.client = self._create("create_lora_training_client", lambda: self.service.create_lora_training_client(
+                        base_model, rank=rank, seed=seed))
             except BaseException:
                 self.close("errored")
                 raise
