@@ -77,8 +77,9 @@ def small_data(tmp_path) -> Path:
 
 # The longest test files, longest first: `pytest -n 2 --dist loadfile` hands out files in
 # collection order, and starting the long ones first keeps both processes busy to the end.
-LONGEST_FIRST = ("test_service.py", "test_resume.py", "test_train.py", "test_cli.py", "test_deployment.py",
-                 "test_tinker.py", "test_flow.py")
+LONGEST_FIRST = ("test_resume.py", "test_train.py", "test_service.py", "test_cli.py", "test_deployment.py",
+                 "test_nightly.py", "test_export.py", "test_engine.py", "test_tinker.py", "test_flow.py",
+                 "test_served_elsewhere.py", "test_init_from.py", "test_report.py")
 
 
 def pytest_collection_modifyitems(items):
