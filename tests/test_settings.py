@@ -150,3 +150,17 @@ def test_every_number_is_bounded_or_known_to_be_harmless_at_any_size(cls, tmp_pa
         except PipelineError as e:
             assert "must be" in str(e) and "\n" not in str(e)
     assert passed <= UNBOUNDED_OK, passed - UNBOUNDED_OK
+
+
+def test_every_deployment_gives_only_parameters_its_flow_takes():
+    """A parameter the flow does not take crashes every run of the deployment before it starts
+    (Prefect's SignatureMismatchError): a YAML merge can leave one behind."""
+    import importlib
+
+    import yaml
+    from conftest import ROOT
+
+    for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]:
+        path, name = d["entrypoint"].split(":")
+        flow = getattr(importlib.import_module("lora_pipeline." + path.removesuffix(".py").replace("/", ".")), name)
+        assert set(d.get("parameters", {})) <= set(inspect.signature(flow.fn).parameters), d["name"]
