@@ -25,8 +25,9 @@ run: install
 		--learning-rate 5e-4 --save-every 10 --max-tokens 60 --output-dir $(DEMO_DIR)
 
 # Two processes, each taking whole test files: many tests wait on servers, workers and deadlines,
-# so a second process uses the cores they leave idle.
-PYTEST := $(BIN)/pytest -q -n 2 --dist loadfile
+# so a second process uses the cores they leave idle. Files go out in the order tests/conftest.py
+# sorts them (longest first); xdist would otherwise hand out the files with the most tests first.
+PYTEST := $(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test: install
 	$(PYTEST) -m "not faults"
