@@ -164,11 +164,11 @@ def judge(run_dir: str, eval_data: str, margin: float, output_dir: str, key: str
                          if f"checks_{who}" in means)
         decision = Decision(decision.promoted, f"{decision.reason}; answer checks passed: {said}",
                             decision.comparisons)
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    summary = RunFolder(run_dir).read_summary()
     registry.record_candidate({"run": run, "run_dir": str(Path(run_dir).resolve()),
                                "adapter": str(Path(run_dir).resolve() / FINAL),
-                               "tinker": next((c["sampler_path"] for c in summary["checkpoints"]
-                                               if c["name"] == FINAL and str(c.get("sampler_path")).startswith("tinker://")),
+                               "tinker": next((c.sampler_path for c in summary.checkpoints
+                                               if c.name == FINAL and str(c.sampler_path).startswith("tinker://")),
                                               None),
                                "data_sha256": config["data_sha256"], "inputs_key": key,
                                "metrics": {**means, "examples": len(scores["base"])}}, decision)
