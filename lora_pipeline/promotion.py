@@ -192,15 +192,23 @@ def trend_rows(output_dir: str) -> list[dict]:
     return rows
 
 
+TREND_COLUMNS = ["night", "run", "eval loss", "base", "champion before", "answer checks", "decision"]
+TREND_NUMBERS = {"eval loss", "base", "champion before", "answer checks"}  # right-aligned in nightly.html
+
+
+def trend_cells(row: dict) -> list[str]:
+    """A trend row as the text of its TREND_COLUMNS, for the artifact and nightly.html alike."""
+    return [row["time"], row["run"], _num(row.get("eval_loss_candidate")), _num(row.get("eval_loss_base")),
+            _num(row.get("eval_loss_champion")), _pct(row.get("checks_candidate")), row["decision"]]
+
+
 def trend_markdown(output_dir: str) -> str:
-    rows = trend_rows(output_dir)
-    lines = ["| night | run | eval loss | base | champion before | answer checks | decision |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['time']} | {'**' + r['run'] + '** (champion)' if r['champion'] else r['run']} | "
-                     f"{_num(r.get('eval_loss_candidate'))} | {_num(r.get('eval_loss_base'))} | "
-                     f"{_num(r.get('eval_loss_champion'))} | {_pct(r.get('checks_candidate'))} | "
-                     f"{r['decision'].replace('|', '/')} |")
+    lines = ["| " + " | ".join(TREND_COLUMNS) + " |", "|" + "---|" * len(TREND_COLUMNS)]
+    for r in trend_rows(output_dir):
+        cells = [c.replace("|", "/") for c in trend_cells(r)]
+        if r["champion"]:
+            cells[1] = f"**{cells[1]}** (champion)"
+        lines.append("| " + " | ".join(cells) + " |")
     champion = Registry(output_dir).champion()
     return (f"# lora-pipeline nightly\n\nChampion: **{champion['run'] if champion else 'none yet'}**\n\n"
             + "\n".join(lines) + "\n")
@@ -212,6 +220,7 @@ def write_trend(output_dir: str) -> str:
     import base64
 
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from .report import _STYLE, _png, _table, _td
 
@@ -225,6 +234,7 @@ def write_trend(output_dir: str) -> str:
     promoted = [(i, r["eval_loss_candidate"]) for i, r in zip(x, rows) if r["champion"]]
     ax.plot([p[0] for p in promoted], [p[1] for p in promoted], "*", markersize=14, label="promoted to champion")
     ax.set_xlabel("night")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # nights are whole; no tick at 1.5
     ax.set_ylabel("evaluation-set loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -235,10 +245,9 @@ def write_trend(output_dir: str) -> str:
         "</head><body><h1>lora-pipeline nightly</h1>",
         f"<p>Champion: <code>{html.escape(champion['run']) if champion else 'none yet'}</code></p>",
         f'<img alt="evaluation-set loss per night" src="data:image/png;base64,{png}">',
-        _table(["night", "run", "eval loss", "base", "champion before", "answer checks", "decision"],
-               [[_td(r["time"]), _td(r["run"]), _td(_num(r.get("eval_loss_candidate")), "num"),
-                 _td(_num(r.get("eval_loss_base")), "num"), _td(_num(r.get("eval_loss_champion")), "num"),
-                 _td(_pct(r.get("checks_candidate")), "num"), _td(r["decision"])] for r in every],
+        _table(TREND_COLUMNS,
+               [[_td(c, "num" if col in TREND_NUMBERS else "") for col, c in zip(TREND_COLUMNS, trend_cells(r))]
+                for r in every],
                lambda i: "best" if every[i]["champion"] else ""),
         "</body></html>"])
     path = Path(output_dir) / TREND_PAGE

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -22,7 +24,7 @@ def judge_candidate(stages: PipelineSettings, summary: RunSummary, inputs_key: s
     decision = judge(summary.run_dir, stages.promotion.eval_data, stages.promotion.promotion_margin,
                      train.output_dir, inputs_key, stages.evaluate.max_tokens, train.device, train.dtype)
     get_run_logger().info("%s", decision.reason)
-    run = summary.run_dir.rsplit("/", 1)[-1]
+    run = Path(summary.run_dir).name
     emit_event(event=f"lora-pipeline.adapter.{'promoted' if decision.promoted else 'rejected'}",
                resource={"prefect.resource.id": f"lora-pipeline.adapter.{run}", "prefect.resource.name": run},
                payload={"reason": decision.reason, "adapter": summary.final_lora_weights,
