@@ -1,11 +1,14 @@
 """--init-from: a run starts from an existing adapter's weights with a fresh optimizer, on both
-engines; the weights are part of the run's identity, and a crashed run still continues exactly."""
+engines; the weights are part of the run's identity, and a killed run still continues exactly."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-from training import training_settings
+from training import adapter_diff, kill_after_steps, steps_logged, training_settings
 
 from lora_pipeline.errors import PipelineError
 from lora_pipeline.train import TrainingRun, train
@@ -13,8 +16,8 @@ from lora_pipeline.train import TrainingRun, train
 pytestmark = pytest.mark.slow  # trains a model
 
 
-class Crash(Exception):
-    pass
+CLI = str(Path(sys.executable).parent / "lora-pipeline")
+STEPS = 24  # long enough (each step a Prefect task run) to be killed half-way
 
 
 @pytest.fixture
@@ -25,10 +28,6 @@ def source(tmp_path, small_data, tiny):
     settings = training_settings(small_data, tmp_path / "runs", run_name="source", val_data=str(val),
                                  base_model=str(tiny), device="cpu", learning_rate=3e-3)
     return train(TrainingRun(settings).open()), settings
-
-
-def _adapter(run_dir) -> dict:
-    return load_file(f"{run_dir}/final_lora_weights/adapter_model.safetensors")
 
 
 def test_a_run_starts_from_the_adapter_it_is_given_and_is_keyed_on_its_weights(tmp_path, source):
@@ -52,26 +51,29 @@ def test_a_run_starts_from_the_adapter_it_is_given_and_is_keyed_on_its_weights(t
     assert first_night.run_dir == TrainingRun(settings.__class__(**{**settings.__dict__, "run_name": None})).run_dir
 
 
-def test_a_crashed_run_from_an_adapter_continues_exactly(tmp_path, source):
+def test_a_run_from_an_adapter_killed_with_sigkill_continues_exactly(tmp_path, source):
+    """`lora-pipeline train --init-from RUN`, killed (SIGKILL) after its first checkpoints, then
+    the same command again: it continues after its last checkpoint, not from the adapter it
+    started from, each step once, to the weights of a run never killed."""
     summary, settings = source
-    start = dict(settings.__dict__, init_from=summary.run_dir, max_steps=6)
-    clean = train(TrainingRun(settings.__class__(**{**start, "run_name": "clean"})).open())
+    env = {k: v for k, v in os.environ.items() if k not in ("TINKER_API_KEY", "PREFECT_API_URL")}
 
-    run = TrainingRun(settings.__class__(**{**start, "run_name": "crashed"})).open()
-    step = run.step
+    def command(name):
+        return [CLI, "train", "--data", settings.data, "--base-model", settings.base_model, "--device", "cpu",
+                "--backend", "local", "--batch", "4", "--max-steps", str(STEPS), "--save-every", "2",
+                "--learning-rate", "3e-3", "--init-from", summary.run_dir, "--output-dir", str(tmp_path / "cli"),
+                "--run-name", name]
 
-    def crash(n):
-        if n == 4:
-            raise Crash("the process dies in step 4")
-        return step(n)
-    run.step = crash
-    with pytest.raises(Crash):
-        train(run)
-    resumed = TrainingRun(settings.__class__(**{**start, "run_name": "crashed"})).open()
-    assert resumed.first_step == 3  # after the checkpoint of step 2, not from the adapter again
-    train(resumed)
-    a, b = _adapter(clean.run_dir), _adapter(resumed.run_dir)
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    clean = train(TrainingRun(settings.__class__(**{
+        **settings.__dict__, "run_name": "clean", "output_dir": str(tmp_path / "cli"), "val_data": None,
+        "max_steps": STEPS, "init_from": summary.run_dir})).open())
+    killed = tmp_path / "cli" / "killed"
+    kill_after_steps(command("killed"), env, killed, 5)  # checkpoints at steps 2 and 4 behind it
+    continued = subprocess.run(command("killed"), env=env, capture_output=True, text=True, timeout=300)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert "continuing after step" in continued.stdout + continued.stderr
+    assert steps_logged(killed) == list(range(1, STEPS + 1))
+    assert adapter_diff(clean.run_dir, killed) <= 1e-6
 
 
 def test_a_tinker_run_starts_from_a_tinker_run_with_a_fresh_optimizer(tmp_path, small_data, monkeypatch):

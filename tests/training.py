@@ -1,5 +1,7 @@
-"""The TrainSettings of the tests' trainings, written once."""
+"""The TrainSettings of the tests' trainings, written once, and what the tests read back from a
+run folder."""
 
+import json
 from pathlib import Path
 
 from lora_pipeline.settings import TrainSettings
@@ -17,3 +19,36 @@ def training_settings(data: str | Path, output_dir: str | Path, /, *, cli_defaul
     a test gives another."""
     return TrainSettings(**{"data": str(data), "output_dir": str(output_dir), "backend": "local",
                             **({} if cli_defaults else SHORT_RUN), **changes})
+
+
+def steps_logged(run_dir: str | Path) -> list[int]:
+    """The steps in the run's training_log.json, in order: each once when nothing was repeated."""
+    return [r["step"] for r in json.loads((Path(run_dir) / "training_log.json").read_text())]
+
+
+def adapter_diff(a: str | Path, b: str | Path) -> float:
+    """The largest difference between two runs' final LoRA weights."""
+    from safetensors.torch import load_file
+
+    x, y = (load_file(str(Path(d) / "final_lora_weights" / "adapter_model.safetensors")) for d in (a, b))
+    return max(float((x[k] - y[k]).abs().max()) for k in x)
+
+
+def kill_after_steps(cmd: list[str], env: dict, run_dir: Path, steps: int) -> None:
+    """Start the command `cmd` and SIGKILL it once its run in `run_dir` has logged `steps`
+    steps; fails if the command ended first (it was not killed half-way)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = Path(run_dir) / "training_log.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and len(json.loads(log.read_text() or "[]")) >= steps:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, f"the command ended ({proc.returncode}) before step {steps}"
+    assert not (Path(run_dir) / "final_lora_weights").exists(), f"killed after step {steps}, but the run had finished"
