@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,8 @@ from safetensors.torch import load_file
 from lora_pipeline.errors import PipelineError
 from lora_pipeline.run_folder import RunFolder
 from lora_pipeline.train import TrainingRun, train
-from training import training_settings
+from conftest import SAMPLE
+from training import adapter_diff, kill_after_steps, steps_logged, training_settings
 
 pytestmark = pytest.mark.slow  # trains a model or starts a Prefect server
 
@@ -28,9 +28,14 @@ class Crash(Exception):
     pass
 
 
-def config(data, out, name, **changes):
-    """Six steps: a crash at step 5 or 6 has the checkpoints of steps 2 and 4 behind it."""
-    return training_settings(data, out, **{"run_name": name, "max_steps": 6, **changes})
+@pytest.fixture(scope="module")
+def config(tiny):
+    """Six steps on the tiny model (what is checked here is the run folder's bookkeeping, the
+    same on any model): a crash at step 5 or 6 has the checkpoints of steps 2 and 4 behind it."""
+    def settings(data, out, name, **changes):
+        return training_settings(data, out, **{"run_name": name, "max_steps": 6, "base_model": str(tiny),
+                                               "device": "cpu", **changes})
+    return settings
 
 
 def crashing_at(run: TrainingRun, step_no: int) -> TrainingRun:
@@ -45,28 +50,22 @@ def crashing_at(run: TrainingRun, step_no: int) -> TrainingRun:
     return run
 
 
-def max_diff(a: Path, b: Path) -> float:
-    x = load_file(str(a / "final_lora_weights" / "adapter_model.safetensors"))
-    y = load_file(str(b / "final_lora_weights" / "adapter_model.safetensors"))
-    return max(float((x[k] - y[k]).abs().max()) for k in x)
-
-
-def steps_logged(run_dir: Path) -> list[int]:
-    return [r["step"] for r in json.loads((run_dir / "training_log.json").read_text())]
+@pytest.fixture(scope="module")
+def clean_data(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data") / "data.jsonl"
+    data.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[:40]))
+    return data
 
 
 @pytest.fixture(scope="module")
-def clean_run(tmp_path_factory):
+def clean_run(tmp_path_factory, clean_data, config):
     """An uninterrupted run to compare against."""
     out = tmp_path_factory.mktemp("clean")
-    data = out / "data.jsonl"
-    sample = Path(__file__).parent.parent / "data" / "sample" / "persona_train.jsonl"
-    data.write_text("".join(sample.read_text().splitlines(keepends=True)[:40]))
-    train(TrainingRun(config(data, out, "clean")).open())
-    return data, out / "clean"
+    train(TrainingRun(config(clean_data, out, "clean")).open())
+    return clean_data, out / "clean"
 
 
-def test_a_crashed_run_continues_exactly_where_it_stopped(tmp_path, clean_run):
+def test_a_crashed_run_continues_exactly_where_it_stopped(tmp_path, clean_run, config):
     data, clean = clean_run
     with pytest.raises(Crash):
         train(crashing_at(TrainingRun(config(data, tmp_path, "r")).open(), 5))
@@ -75,10 +74,10 @@ def test_a_crashed_run_continues_exactly_where_it_stopped(tmp_path, clean_run):
     assert run.first_step == 5 and "continuing after step 4 of 6" in run.describe()
     train(run)
     assert steps_logged(tmp_path / "r") == [1, 2, 3, 4, 5, 6]
-    assert max_diff(clean, tmp_path / "r") <= 1e-6
+    assert adapter_diff(clean, tmp_path / "r") <= 1e-6
 
 
-def test_a_damaged_newest_checkpoint_is_reported_and_skipped(tmp_path, clean_run):
+def test_a_damaged_newest_checkpoint_is_reported_and_skipped(tmp_path, clean_run, config):
     data, clean = clean_run
     with pytest.raises(Crash):
         train(crashing_at(TrainingRun(config(data, tmp_path, "r")).open(), 6))
@@ -95,10 +94,10 @@ def test_a_damaged_newest_checkpoint_is_reported_and_skipped(tmp_path, clean_run
     assert "checkpoints.jsonl:3 is incomplete" in notes
     train(run)
     assert steps_logged(run_dir) == [1, 2, 3, 4, 5, 6]
-    assert max_diff(clean, run_dir) <= 1e-6
+    assert adapter_diff(clean, run_dir) <= 1e-6
 
 
-def test_a_finished_run_is_not_trained_again(tmp_path, clean_run):
+def test_a_finished_run_is_not_trained_again(tmp_path, clean_run, config):
     data, clean = clean_run
     before = (clean / "summary.json").read_text()
     run = TrainingRun(config(data, clean.parent, "clean")).open()
@@ -106,7 +105,7 @@ def test_a_finished_run_is_not_trained_again(tmp_path, clean_run):
     assert steps_logged(clean) == [1, 2, 3, 4, 5, 6]
 
 
-def test_other_data_or_settings_are_refused_unless_starting_over(tmp_path, clean_run):
+def test_other_data_or_settings_are_refused_unless_starting_over(tmp_path, clean_run, config):
     data, clean = clean_run
     with pytest.raises(PipelineError, match=r"learning_rate 0.0005 -> 0.001.*--start-over"):
         TrainingRun(config(data, clean.parent, "clean", learning_rate=1e-3)).open()
@@ -127,51 +126,53 @@ def test_other_data_or_settings_are_refused_unless_starting_over(tmp_path, clean
     assert run.first_step == 1 and not (tmp_path / "r" / "training_log.json").exists()
 
 
-def _cli_train(data, out, name, **popen):
-    return [CLI, "train", "--data", str(data), "--batch", "4", "--max-steps", "6", "--save-every", "2",
-            "--learning-rate", "5e-4", "--output-dir", str(out), "--run-name", name, "--backend", "local"]
+def _cli_train(data, out, name, *options):
+    return [CLI, "train", "--data", str(data), "--batch", "4", "--save-every", "2", "--learning-rate", "5e-4",
+            "--output-dir", str(out), "--run-name", name, "--backend", "local", *options]
 
 
-def test_kill_9_then_the_same_command_continues(tmp_path, clean_run):
-    data, clean = clean_run
-    cmd = _cli_train(data, tmp_path, "r")
-    env = {k: v for k, v in os.environ.items() if k not in ("TINKER_API_KEY", "PREFECT_API_URL")}
-    kill_after = random.Random(2).randint(1, 5)  # seeded: a failure names its kill point, and repeats
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = tmp_path / "r" / "training_log.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.exists() and len(json.loads(log.read_text() or "[]")) >= kill_after:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def _env(**changes) -> dict:
+    return {**{k: v for k, v in os.environ.items() if k not in ("TINKER_API_KEY", "PREFECT_API_URL")}, **changes}
+
+
+def test_kill_9_then_the_same_command_continues(tmp_path, clean_data, config, tiny):
+    steps = 24  # each a Prefect task run of some tens of ms on the tiny model: time to be killed half-way
+    clean = train(TrainingRun(config(clean_data, tmp_path, "clean", max_steps=steps)).open()).run_dir
+    cmd = _cli_train(clean_data, tmp_path, "r", "--max-steps", str(steps), "--base-model", str(tiny),
+                     "--device", "cpu")
+    kill_after = random.Random(2).randint(1, steps - 4)  # seeded: a failure names its kill point, and repeats
+    kill_after_steps(cmd, _env(), tmp_path / "r", kill_after)
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert steps_logged(tmp_path / "r") == [1, 2, 3, 4, 5, 6], kill_after
-    assert max_diff(clean, tmp_path / "r") <= 1e-6, kill_after
+    assert steps_logged(tmp_path / "r") == list(range(1, steps + 1)), kill_after
+    assert adapter_diff(clean, tmp_path / "r") <= 1e-6, kill_after
+
+
+@pytest.fixture(scope="module")
+def clean_smollm2_run(tmp_path_factory, clean_data):
+    """Four steps on SmolLM2, whose files are as large as the full-disk tests need."""
+    out = tmp_path_factory.mktemp("clean-smollm2")
+    return train(TrainingRun(training_settings(clean_data, out, run_name="clean", max_steps=4)).open()).run_dir
 
 
 @pytest.mark.parametrize("limit_mb", [
     25,  # the adapter (20 MB) fits, a checkpoint's optimizer state does not: torch.save fails
     10,  # the adapter does not: safetensors fails
 ])
-def test_a_full_disk_fails_clearly_and_loses_nothing(tmp_path, clean_run, limit_mb):
+def test_a_full_disk_fails_clearly_and_loses_nothing(tmp_path, clean_data, clean_smollm2_run, limit_mb):
     import resource
 
     from lora_pipeline.models import SMOLLM2, resolve_local_model
 
-    data, clean = clean_run
     resolve_local_model(SMOLLM2)  # the model cache is written before the disk "fills"
 
     def small_disk():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_mb * 10**6, limit_mb * 10**6))
 
-    cmd = _cli_train(data, tmp_path, "r")
+    cmd = _cli_train(clean_data, tmp_path, "r", "--max-steps", "4")
     # A Prefect database of its own: the temporary server shares the command's file size limit.
-    env = {**{k: v for k, v in os.environ.items() if k not in ("TINKER_API_KEY", "PREFECT_API_URL")},
-           "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env = _env(PREFECT_HOME=str(tmp_path / "prefect-home"))
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
     assert r.returncode == 1
     [said] = [line for line in r.stderr.splitlines() if line.startswith("lora-pipeline train: error:")]
@@ -185,11 +186,11 @@ def test_a_full_disk_fails_clearly_and_loses_nothing(tmp_path, clean_run, limit_
 
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert steps_logged(run_dir) == [1, 2, 3, 4, 5, 6]
-    assert max_diff(clean, run_dir) <= 1e-6
+    assert steps_logged(run_dir) == [1, 2, 3, 4]
+    assert adapter_diff(clean_smollm2_run, run_dir) <= 1e-6
 
 
-def test_a_log_that_disagrees_with_the_checkpoints_is_not_trusted(tmp_path, clean_run):
+def test_a_log_that_disagrees_with_the_checkpoints_is_not_trusted(tmp_path, clean_run, config):
     data, _ = clean_run
     with pytest.raises(Crash):
         train(crashing_at(TrainingRun(config(data, tmp_path, "r")).open(), 6))
@@ -201,7 +202,7 @@ def test_a_log_that_disagrees_with_the_checkpoints_is_not_trusted(tmp_path, clea
         "checkpoint_step_2", "checkpoint_step_4"]  # nothing was changed
 
 
-def test_a_checkpoint_that_holds_another_step_is_skipped(tmp_path, clean_run):
+def test_a_checkpoint_that_holds_another_step_is_skipped(tmp_path, clean_run, config):
     data, clean = clean_run
     with pytest.raises(Crash):
         train(crashing_at(TrainingRun(config(data, tmp_path, "r")).open(), 6))
@@ -212,10 +213,10 @@ def test_a_checkpoint_that_holds_another_step_is_skipped(tmp_path, clean_run):
     assert "checkpoint_step_4 is registered as step 4 but holds step 2" in run.describe()
     assert run.first_step == 3
     train(run)
-    assert steps_logged(run_dir) == [1, 2, 3, 4, 5, 6] and max_diff(clean, run_dir) <= 1e-6
+    assert steps_logged(run_dir) == [1, 2, 3, 4, 5, 6] and adapter_diff(clean, run_dir) <= 1e-6
 
 
-def test_changed_final_weights_of_a_finished_run_are_saved_again(tmp_path, clean_run):
+def test_changed_final_weights_of_a_finished_run_are_saved_again(tmp_path, clean_run, config):
     data, clean = clean_run
     run_dir = shutil.copytree(clean, tmp_path / "clean")
     adapter = run_dir / "final_lora_weights" / "adapter_model.safetensors"
@@ -224,10 +225,10 @@ def test_changed_final_weights_of_a_finished_run_are_saved_again(tmp_path, clean
     assert run.config.finished_summary() is None  # not reported as a finished run
     summary = train(run.open())
     assert summary.steps == 6 and steps_logged(run_dir) == [1, 2, 3, 4, 5, 6]
-    assert max_diff(clean, run_dir) == 0  # saved again from the final state
+    assert adapter_diff(clean, run_dir) == 0  # saved again from the final state
 
 
-def test_a_diverging_run_stops_and_saves_no_non_finite_weights(tmp_path, clean_run):
+def test_a_diverging_run_stops_and_saves_no_non_finite_weights(tmp_path, clean_run, config):
     data, _ = clean_run
     with pytest.raises(PipelineError, match=r"the training loss is (nan|inf).*not a finite number.*Lower --learning-rate"):
         train(TrainingRun(config(data, tmp_path, "r", learning_rate=1e30, save_every=1)).open())
@@ -240,7 +241,7 @@ def test_a_diverging_run_stops_and_saves_no_non_finite_weights(tmp_path, clean_r
         assert all(bool(v.isfinite().all()) for v in weights.values()), entry.name
 
 
-def test_a_resumed_run_keeps_its_held_out_losses_time_and_notes_true(tmp_path, small_data, tiny):
+def test_a_resumed_run_keeps_its_held_out_losses_time_and_notes_true(tmp_path, small_data, config):
     """An interruption while a checkpoint's held-out loss was measured lost that loss; a resumed
     summary counted only the last process's time (tokens/s inflated); a stale failure.md stayed."""
     from lora_pipeline.run_folder import checkpoint_name
@@ -248,9 +249,8 @@ def test_a_resumed_run_keeps_its_held_out_losses_time_and_notes_true(tmp_path, s
     data = small_data
     val = tmp_path / "held.val.jsonl"
     val.write_bytes(b"".join(data.read_bytes().splitlines(keepends=True)[-4:]))
-    tiny_model = dict(val_data=str(val), base_model=str(tiny), device="cpu")  # seconds, not minutes
 
-    run = TrainingRun(config(data, tmp_path, "r", **tiny_model)).open()
+    run = TrainingRun(config(data, tmp_path, "r", val_data=str(val))).open()
 
     def interrupted_while_measuring(n):
         run._save_state(checkpoint_name(n), n, f"checkpoint at step {n}")
@@ -264,7 +264,7 @@ def test_a_resumed_run_keeps_its_held_out_losses_time_and_notes_true(tmp_path, s
     run_dir = tmp_path / "r"
     assert [r["step"] for r in json.loads((run_dir / "validation_log.json").read_text())] == [0, 2]
     (run_dir / "failure.md").write_text("# lora-pipeline run failed\n")  # as the flow's failure hook leaves it
-    summary = train(TrainingRun(config(data, tmp_path, "r", **tiny_model)).open())
+    summary = train(TrainingRun(config(data, tmp_path, "r", val_data=str(val))).open())
     assert [r["step"] for r in json.loads((run_dir / "validation_log.json").read_text())] == [0, 2, 4, 6]
     assert not (run_dir / "failure.md").exists()
     steps_time = sum(r["time_s"] for r in json.loads((run_dir / "training_log.json").read_text()))

@@ -85,10 +85,10 @@ def test_a_tinker_sweep_fans_out_over_the_workers_within_its_concurrency_limit(s
     assert page.count("<tr") == 5 and page.count("(best)") == 1
 
 
-def test_a_local_sweep_trains_one_configuration_at_a_time(service, small):
+def test_a_local_sweep_trains_one_configuration_at_a_time(service, small, tiny):
     out = service.root / "local-sweep"
     flow_run = service.run("lora-pipeline-sweep/sweep", dataset=str(small), split="train", max_examples=None,
-                           backend="local", batch=4, max_steps=2, save_every=0, max_tokens=4,
+                           backend="local", base_model=str(tiny), device="cpu", batch=4, max_steps=2, save_every=0, max_tokens=4,
                            test_prompts=str(PROMPTS), learning_rates=[5e-4], ranks=[4, 8], deployment=None,
                            output_dir=str(out))
     assert service.wait(flow_run, 600)["type"] == "COMPLETED", service.logs(flow_run)[-20:]
