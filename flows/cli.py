@@ -204,7 +204,10 @@ def _dispatch(a) -> int:
 
     from lora_pipeline.flows.server import temporary_server
 
-    with temporary_server(), _tracebacks_off_the_console():
+    with temporary_server() as ready, _tracebacks_off_the_console():
+        import lora_pipeline.flows.pipeline  # noqa: F401  (Prefect and torch: imported while the server starts)
+
+        ready()
         _run_flow(a.command, params)
     return 0
 

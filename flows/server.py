@@ -29,36 +29,42 @@ RESTARTS = 3
 
 @contextlib.contextmanager
 def temporary_server():
-    """Sets PREFECT_API_URL to a temporary server for the duration, unless one is set. Call it
-    before Prefect is imported: Prefect reads its settings from the environment then. A server
-    that dies mid-run is started again (see _TemporaryServer.watch)."""
+    """Sets PREFECT_API_URL to a temporary server for the duration, unless one is set, and
+    yields `ready`: call it before the first call to the server, which it waits for. The server
+    starts while the command imports Prefect, torch and the flows (each takes seconds), instead
+    of before. Enter it before Prefect is imported: Prefect reads its settings from the
+    environment then. A server that dies mid-run is started again (see _TemporaryServer.watch)."""
     if os.environ.get("PREFECT_API_URL"):
         check_api_url(os.environ["PREFECT_API_URL"])
-        yield
+        yield lambda: None
         return
     assert "prefect" not in sys.modules, "temporary_server() must run before Prefect is imported"
     server = _TemporaryServer()
-    server.start()
+    server.launch()
     os.environ["PREFECT_API_URL"] = server.url
     stopping = threading.Event()
     # The watchdog starts the server again, so it must outlive it: a child started with a
     # death signal gets it when the *thread* that started it ends.
     watchdog = threading.Thread(target=server.watch, args=(stopping,), name="prefect-server-watchdog", daemon=True)
-    watchdog.start()
+
+    def ready() -> None:
+        server.wait_until_it_answers()
+        watchdog.start()
     try:
-        yield
+        yield ready
     except KeyboardInterrupt:
         if server.failed:  # the watchdog interrupted the command: say why, not "interrupted"
             raise PipelineError(server.failed) from None
         raise
     finally:
-        if not server.failed:
+        if watchdog.is_alive() and not server.failed:
             _send_pending_logs()
         del os.environ["PREFECT_API_URL"]
         stopping.set()
         with server.lock:
             stop(server.proc, 10, signal.SIGTERM)
-        watchdog.join(10)
+        if watchdog.is_alive():
+            watchdog.join(10)
 
 
 class _TemporaryServer:
@@ -75,19 +81,24 @@ class _TemporaryServer:
                     "PREFECT__SERVER_FINAL": "1"}
         self.site = Path(importlib.util.find_spec("prefect").origin).parent.parent
         self.proc: subprocess.Popen | None = None
+        self.errors = None  # the server's stderr: the line that says why it did not start
         self.failed: str | None = None  # why the watchdog gave up, for the command's last line
         self.lock = threading.Lock()  # the watchdog's restart against the command's stop
 
     def start(self) -> None:
-        """Starts the server and waits until it answers; a server that cannot start is one
-        line of what to do instead."""
-        import httpx
+        self.launch()
+        self.wait_until_it_answers()
 
-        errors = tempfile.TemporaryFile()
+    def launch(self) -> None:
+        self.errors = tempfile.TemporaryFile()
         self.proc = start([sys.executable, "-m", "uvicorn", "--app-dir", self.site, "--factory",
                            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", self.port,
                            "--log-level", "error", "--lifespan", "on"],
-                          env=self.env, stdout=subprocess.DEVNULL, stderr=errors)
+                          env=self.env, stdout=subprocess.DEVNULL, stderr=self.errors)
+
+    def wait_until_it_answers(self) -> None:
+        """A server that cannot start is one line of what to do instead."""
+        import httpx
 
         def healthy() -> bool:
             try:
@@ -98,8 +109,8 @@ class _TemporaryServer:
             wait_until("a temporary Prefect server", healthy, STARTUP_TIMEOUT, self.proc, every=0.2)
         except (TimeoutError, RuntimeError) as e:
             stop(self.proc, 5)
-            errors.seek(0)
-            said = errors.read().decode(errors="replace").strip().splitlines()
+            self.errors.seek(0)
+            said = self.errors.read().decode(errors="replace").strip().splitlines()
             # The line that names the cause (an unwritable database under PREFECT_HOME, say), else the last.
             cause = next((line for line in reversed(said) if line.startswith(("sqlalchemy.exc.", "PermissionError",
                                                                                "OSError"))), said[-1] if said else "")
@@ -110,7 +121,7 @@ class _TemporaryServer:
                                 "with `make server`, `export PREFECT_API_URL=http://127.0.0.1:4200/api`, and run "
                                 "this again") from None
         finally:
-            errors.close()
+            self.errors.close()
 
     def watch(self, stopping: threading.Event) -> None:
         """A server killed mid-run (by hand, by the OOM killer) left the command stalled for
