@@ -59,12 +59,12 @@ def test_batches_are_a_function_of_data_seed_and_epoch():
     assert len(epoch_batches(43, 8, 0, 0)) == 5  # the last partial batch is dropped
 
 
-def test_a_step_is_the_mean_loss_per_trained_token_of_its_batch(tmp_path, small_data):
+def test_a_step_is_the_mean_loss_per_trained_token_of_its_batch(tmp_path, small_data, tiny):
     """Each datum's weights are divided by the batch's trained tokens, so the engines' summed
     cross_entropy is the per-token mean (a step's size does not depend on how many tokens its
     batch holds), and the logged loss is that mean."""
     run = TrainingRun(training_settings(small_data, tmp_path, cli_defaults=True, batch=4, max_steps=1,
-                                        run_name="mean")).open()
+                                        run_name="mean", base_model=str(tiny), device="cpu")).open()
     try:
         batch = run.batch(1)
         weights = [d.loss_fn_inputs["weights"].to_torch() for d in batch]
@@ -88,13 +88,15 @@ def test_length_chunks_split_a_batch_where_padding_costs_more_than_a_call():
     assert computed + 32 * len(chunks) <= max(lengths) * 8 + 32  # never worse than one padded call
 
 
-def test_a_batch_computed_in_length_chunks_has_the_whole_batchs_loss_and_gradient(tmp_path, small_data, monkeypatch):
+def test_a_batch_computed_in_length_chunks_has_the_whole_batchs_loss_and_gradient(tmp_path, small_data, tiny,
+                                                                                   monkeypatch):
     import lora_pipeline.engines.local as local
 
     run = TrainingRun(training_settings(small_data, tmp_path, cli_defaults=True, batch=8, max_steps=1,
-                                        run_name="chunks")).open()
+                                        run_name="chunks", base_model=str(tiny), device="cpu")).open()
     try:
-        batch = normalised(sorted(run.examples, key=lambda d: d.model_input.length)[::5][:8])  # mixed lengths
+        by_length = sorted(run.examples, key=lambda d: d.model_input.length)
+        batch = normalised(by_length[:4] + by_length[-4:])  # short and long
         assert len(length_chunks([d.model_input.length for d in batch])) > 1
         lora = [p for p in run.engine.model.parameters() if p.requires_grad]
 
