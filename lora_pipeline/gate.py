@@ -107,7 +107,9 @@ def decide(candidate: Sequence[float], base: Sequence[float], champion: Sequence
         who = f"the champion {champion_name}" if champion_name else "the champion"
         vs_champ = compare(candidate, champion, name="vs champion", confidence=confidence, seed=seed)
         comparisons.append(vs_champ)
-        if vs_champ.high <= margin:
+        if vs_champ.high < 0:  # clearly better: the margin did not come into it
+            passed.append(_said(vs_champ, who))
+        elif vs_champ.high <= margin:
             passed.append(_said(vs_champ, who) + f", within the margin {margin:g}")
         elif vs_champ.low > margin:
             failed.append(_said(vs_champ, who) + f", beyond the margin {margin:g}")
