@@ -41,7 +41,8 @@ def verdict(summary: RunSummary) -> str:
     base, final = summary.val_loss_base, summary.val_loss_final
     if base is not None and final is not None:
         change = (final - base) / base * 100
-        text += (f" On held-out data the LoRA {'beat' if final < base else 'did not beat'} the base model: "
+        start = "the adapter it started from" if summary.init_weights else "the base model"
+        text += (f" On held-out data the LoRA {'beat' if final < base else 'did not beat'} {start}: "
                  f"{final:.3f} vs {base:.3f} nats/token ({change:+.0f}%)")
         best = summary.best
         text += f"; best at step {best['step']} ({best['val_loss']:.3f})." if best else "."
@@ -201,7 +202,8 @@ def _summary_rows(summary: RunSummary, m: dict) -> list[tuple[str, str]]:
             ("time", f"{summary.time_s:.0f} s ({m['step_time_s']:.0f} s in steps)"),
             ("tokens/s", _f(m["tokens_per_s"], 0))]
     if summary.val_loss_base is not None:
-        rows += [("held-out loss, base", _f(summary.val_loss_base, 4)),
+        start = f"the adapter it started from, {summary.init_weights}" if summary.init_weights else "base"
+        rows += [(f"held-out loss, {start}", _f(summary.val_loss_base, 4)),
                  ("held-out loss, LoRA (final)", _f(summary.val_loss_final, 4))]
         if best:
             rows.append(("held-out loss, best", f"{best['val_loss']:.4f} ({best['name']}, step {best['step']})"))

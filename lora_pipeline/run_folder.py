@@ -85,6 +85,9 @@ class RunSummary:
     best: dict | None
     time_s: float
     final_sha256: str = ""  # of the final_lora_weights folder: a changed byte is not "finished"
+    # The adapter it started from (--init-from), or None for a fresh LoRA: then step 0's held-out
+    # loss, val_loss_base, is that adapter's, not the base model's.
+    init_weights: str | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -64,7 +64,8 @@ class RunRecords:
         self.folder.write_best(record)
         return record
 
-    def summarize(self, backend: str, base_model: str, steps: int, started: float) -> RunSummary:
+    def summarize(self, backend: str, base_model: str, init_weights: str | None, steps: int,
+                  started: float) -> RunSummary:
         """The run's summary once its final weights are saved, written to summary.json.
         `started`: the monotonic time the training began, earlier processes' steps included."""
         final = self.folder / FINAL
@@ -74,7 +75,8 @@ class RunRecords:
             first_loss=self.log[0]["loss"], last_loss=self.log[-1]["loss"], tokens=sum(r["tokens"] for r in self.log),
             val_loss_base=next((r["val_loss"] for r in self.val_log if r["step"] == 0), None),
             val_loss_final=self.val_log[-1]["val_loss"] if self.val_log else None,
-            best=self._best(steps), time_s=round(time.monotonic() - started, 2), final_sha256=folder_sha256(final))
+            best=self._best(steps), time_s=round(time.monotonic() - started, 2), final_sha256=folder_sha256(final),
+            init_weights=init_weights)
         self.folder.write_summary(summary)
         # A failure note of an earlier process no longer holds: the run has finished.
         (self.folder / "failure.md").unlink(missing_ok=True)

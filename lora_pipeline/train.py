@@ -357,7 +357,8 @@ class TrainingRun:
             # The weights as PEFT adapters, beside their tinker:// records: what serving them
             # anywhere else needs (final_lora_weights/ and the best checkpoint's folder).
             export_run_weights(self.run_dir, self.settings.request_timeout)
-        return self.records.summarize(self.backend, self.base_model, steps, self.started)
+        return self.records.summarize(self.backend, self.base_model, self.config.values["init_weights"], steps,
+                                      self.started)
 
 
 def train(run: TrainingRun) -> RunSummary:

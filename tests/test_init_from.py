@@ -11,6 +11,7 @@ import pytest
 from training import adapter_diff, kill_after_steps, steps_logged, training_settings
 
 from lora_pipeline.errors import PipelineError
+from lora_pipeline.report import verdict
 from lora_pipeline.train import TrainingRun, train
 
 pytestmark = pytest.mark.slow  # trains a model
@@ -36,9 +37,13 @@ def test_a_run_starts_from_the_adapter_it_is_given_and_is_keyed_on_its_weights(t
     continued = train(TrainingRun(again).open())
     config = json.loads(open(f"{continued.run_dir}/config.json").read())
     assert config["init_weights"] == summary.final_lora_weights and config["init_from_sha256"]
-    # Step 0 is measured with the weights it starts from: the source's last held-out loss.
+    # Step 0 is measured with the weights it starts from: the source's last held-out loss, said so.
     assert continued.val_loss_base == pytest.approx(summary.val_loss_final, abs=1e-5)
+    assert continued.init_weights == summary.final_lora_weights
+    assert " the LoRA beat the adapter it started from: " in verdict(continued) or \
+        " the LoRA did not beat the adapter it started from: " in verdict(continued)
     fresh = train(TrainingRun(settings.__class__(**{**settings.__dict__, "run_name": None})).open())
+    assert fresh.init_weights is None and " the base model: " in verdict(fresh)
     assert fresh.run_dir != continued.run_dir  # the starting weights are part of the run's key
     assert fresh.val_loss_base > summary.val_loss_final
 
