@@ -220,7 +220,7 @@ def write_trend(output_dir: str) -> str:
     import base64
 
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     from .report import _STYLE, _png, _table, _td
 
@@ -235,7 +235,10 @@ def write_trend(output_dir: str) -> str:
     ax.plot([p[0] for p in promoted], [p[1] for p in promoted], "*", markersize=14, label="promoted to champion")
     ax.set_xlabel("night")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # nights are whole; no tick at 1.5
-    ax.set_ylabel("evaluation-set loss (nats/token)")
+    ax.set_yscale("log")  # the base model's loss is many times the adapters': on a linear axis theirs look flat
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else ""))
+    ax.set_ylabel("evaluation-set loss (nats/token, log scale)")
     ax.grid(alpha=0.3)
     ax.legend()
     png = base64.b64encode(_png(fig)).decode()
