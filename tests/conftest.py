@@ -79,9 +79,9 @@ def small_data(tmp_path) -> Path:
 # out files in collection order, and starting the long ones first keeps both processes busy to the
 # end. (Without that flag xdist sorts files by their number of tests: the many quick parametrised
 # tests of test_render.py and test_data.py went first, and the long files last.)
-LONGEST_FIRST = ("test_resume.py", "test_train.py", "test_service.py", "test_cli.py", "test_deployment.py",
-                 "test_nightly.py", "test_export.py", "test_engine.py", "test_tinker.py", "test_flow.py",
-                 "test_served_elsewhere.py", "test_init_from.py", "test_report.py")
+LONGEST_FIRST = ("test_train.py", "test_cli.py", "test_resume.py", "test_service.py", "test_deployment.py",
+                 "test_tinker.py", "test_served_elsewhere.py", "test_engine.py", "test_tinker_server.py",
+                 "test_export.py", "test_init_from.py", "test_nightly.py", "test_flow.py")
 
 
 def pytest_collection_modifyitems(items):

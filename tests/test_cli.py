@@ -97,10 +97,11 @@ def test_test_rejects_a_folder_that_is_not_an_adapter(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_does_the_whole_pipeline_from_the_command_line(tmp_path, small_data):
-    """The demo's command (make run), on less data: prepare, train, test, report."""
+def test_run_does_the_whole_pipeline_from_the_command_line(tmp_path, small_data, tiny):
+    """The demo's command (make run), on less data and the tiny model: prepare, train, test, report."""
     r = cli("run", "--dataset", small_data, "--batch", 4, "--max-steps", 2, "--save-every", 0,
-            "--max-tokens", 8, "--output-dir", "runs", "--run-name", "demo", cwd=tmp_path)
+            "--max-tokens", 8, "--output-dir", "runs", "--run-name", "demo", "--base-model", tiny, "--device", "cpu",
+            cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "demo"
     assert r.stdout.rstrip().endswith(f"Report: {run}/report.html") and (run / "report.html").exists()

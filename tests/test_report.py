@@ -55,12 +55,13 @@ def _cells(table_html: str) -> list[list[str]]:
 
 
 @pytest.mark.slow
-def test_report_html_shows_the_run_as_logged(tmp_path, small_data):
+def test_report_html_shows_the_run_as_logged(tmp_path, small_data, tiny):
     val = tmp_path / "small.val.jsonl"
     lines = small_data.read_text().splitlines(keepends=True)
     small_data.write_text("".join(lines[:32]))
     val.write_text("".join(lines[32:]))
-    run = TrainingRun(training_settings(small_data, tmp_path / "runs", val_data=str(val), run_name="r")).open()
+    run = TrainingRun(training_settings(small_data, tmp_path / "runs", val_data=str(val), run_name="r",
+                                        base_model=str(tiny), device="cpu")).open()
     summary = train(run)
     tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}

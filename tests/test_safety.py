@@ -262,17 +262,11 @@ def test_an_adapter_for_another_base_model_or_a_missing_one_is_one_error(tmp_pat
     from lora_pipeline.settings import SampleSettings
     from tiny_model import build_tiny_model
 
-    wider = tmp_path / "wider"
-    build_tiny_model(wider)
-    config = json.loads((wider / "config.json").read_text())
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    LlamaForCausalLM(LlamaConfig(**{**{k: v for k, v in config.items() if k not in ("architectures", "model_type")},
-                                    "hidden_size": 32, "intermediate_size": 64})).save_pretrained(wider)
+    other = build_tiny_model(tmp_path / "other", width=32)  # the same tokenizer, other layer shapes
     prompts = load_prompts(None)[:1]
-    with pytest.raises(PipelineError, match=rf"--lora-weights .*: does not fit the base model {wider} .*pass that one "
+    with pytest.raises(PipelineError, match=rf"--lora-weights .*: does not fit the base model {other} .*pass that one "
                                             "with --base-model"):
-        compare(tiny_adapter, prompts, SampleSettings(base_model=str(wider), max_tokens=2, device="cpu"))
+        compare(tiny_adapter, prompts, SampleSettings(base_model=str(other), max_tokens=2, device="cpu"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PipelineError, match="--base-model /nonexistent/model: not a local folder, its config.json is "
                                             "not in the Hugging Face cache, and the hub cannot be reached"):

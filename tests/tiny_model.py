@@ -40,10 +40,11 @@ def chat_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<|endoftext|>", chat_template=SMOLLM2_CHAT_TEMPLATE)
 
 
-def build_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """Write the model and its tokenizer to `folder`, the same for the same seed."""
+def build_tiny_model(folder: Path, seed: int = 0, width: int = 64) -> Path:
+    """Write the model and its tokenizer to `folder`, the same for the same seed; `width`, its
+    hidden size, for the tests that need larger LoRA files or another shape."""
     tokenizer = chat_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=2048, tie_word_embeddings=True,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
