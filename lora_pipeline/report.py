@@ -32,6 +32,12 @@ def md_quote(text: str) -> str:
     return "\n".join("> " + md_text(line) for line in text.splitlines() or [""])
 
 
+def starting_point(summary: RunSummary) -> str:
+    """What step 0's held-out loss measured: the base model, or with --init-from the adapter
+    the run started from."""
+    return "the adapter it started from" if summary.init_weights else "the base model"
+
+
 def verdict(summary: RunSummary) -> str:
     """One sentence (two with held-out data): did training work, did the LoRA beat its base."""
     first, last = summary.first_loss, summary.last_loss
@@ -41,8 +47,7 @@ def verdict(summary: RunSummary) -> str:
     base, final = summary.val_loss_base, summary.val_loss_final
     if base is not None and final is not None:
         change = (final - base) / base * 100
-        start = "the adapter it started from" if summary.init_weights else "the base model"
-        text += (f" On held-out data the LoRA {'beat' if final < base else 'did not beat'} {start}: "
+        text += (f" On held-out data the LoRA {'beat' if final < base else 'did not beat'} {starting_point(summary)}: "
                  f"{final:.3f} vs {base:.3f} nats/token ({change:+.0f}%)")
         best = summary.best
         text += f"; best at step {best['step']} ({best['val_loss']:.3f})." if best else "."
@@ -149,8 +154,9 @@ def metrics(summary: RunSummary, results: dict) -> dict:
     }
 
 
-def loss_figure(train_log: list[dict], val_log: list[dict]):
-    """Training loss at every step and held-out loss where it was measured (step 0: the base)."""
+def loss_figure(train_log: list[dict], val_log: list[dict], start: str = "the base model"):
+    """Training loss at every step and held-out loss where it was measured (step 0: `start`,
+    the weights training started from)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     fig = Figure(figsize=(7.5, 3.8), dpi=110, layout="constrained")
@@ -159,7 +165,7 @@ def loss_figure(train_log: list[dict], val_log: list[dict]):
             linewidth=1.4, label="training loss (each step's batch)")
     if val_log:
         ax.plot([r["step"] for r in val_log], [r["val_loss"] for r in val_log], "o-", color="#d62728",
-                linewidth=1.4, label="held-out loss (step 0: base model)")
+                linewidth=1.4, label=f"held-out loss (step 0: {start})")
         measured = [r for r in val_log if "train_loss" in r]
         ax.plot([r["step"] for r in measured], [r["train_loss"] for r in measured], "s--", color="#1f77b4",
                 alpha=0.6, label="training examples, measured like held-out")
@@ -202,7 +208,7 @@ def _summary_rows(summary: RunSummary, m: dict) -> list[tuple[str, str]]:
             ("time", f"{summary.time_s:.0f} s ({m['step_time_s']:.0f} s in steps)"),
             ("tokens/s", _f(m["tokens_per_s"], 0))]
     if summary.val_loss_base is not None:
-        start = f"the adapter it started from, {summary.init_weights}" if summary.init_weights else "base"
+        start = starting_point(summary) + (f", {summary.init_weights}" if summary.init_weights else "")
         rows += [(f"held-out loss, {start}", _f(summary.val_loss_base, 4)),
                  ("held-out loss, LoRA (final)", _f(summary.val_loss_final, 4))]
         if best:
@@ -304,7 +310,7 @@ def write_report(summary: RunSummary, results: dict) -> dict:
     folder. Returns report.html's path, the markdown and the metrics behind them."""
     run_dir = Path(summary.run_dir)
     m = metrics(summary, results)
-    png = _png(loss_figure(m["train_log"], m["val_log"]))
+    png = _png(loss_figure(m["train_log"], m["val_log"], starting_point(summary)))
     write_atomic(run_dir / "loss.png", png)
     markdown = _markdown(summary, results, m)
     write_atomic(run_dir / "report.md", markdown)
