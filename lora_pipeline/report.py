@@ -154,7 +154,7 @@ def metrics(summary: RunSummary, results: dict) -> dict:
     }
 
 
-def loss_figure(train_log: list[dict], val_log: list[dict], start: str = "the base model"):
+def loss_figure(train_log: list[dict], val_log: list[dict], start: str):
     """Training loss at every step and held-out loss where it was measured (step 0: `start`,
     the weights training started from)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state

@@ -10,7 +10,7 @@ import pytest
 
 from lora_pipeline.evaluate import compare
 from lora_pipeline.report import (checkpoint_rows, loss_figure, md_cell, md_quote, md_text, overfitting, shares_span,
-                                  write_report)
+                                  starting_point, write_report)
 from lora_pipeline.run_folder import CheckpointRecord, RunSummary
 from lora_pipeline.settings import SampleSettings
 from lora_pipeline.train import TrainingRun, train
@@ -87,7 +87,7 @@ def test_report_html_shows_the_run_as_logged(tmp_path, small_data, tiny):
     assert png.startswith(b"\x89PNG") and src == "data:image/png;base64," + base64.b64encode(png).decode()
     assert not re.search(r'(src|href)="(https?:)?//', page)
     # Its curves are the logs' points, and so are the tables beside it.
-    fig = loss_figure(train_log, val_log)
+    fig = loss_figure(train_log, val_log, starting_point(summary))
     train_line, val_line, measured_line = fig.axes[0].lines[:3]
     assert train_line.get_xydata().tolist() == [[r["step"], r["loss"]] for r in train_log]
     assert val_line.get_xydata().tolist() == [[r["step"], r["val_loss"]] for r in val_log]
