@@ -63,12 +63,12 @@ def test_inspect_without_a_key_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_then_test_give_the_workflows_layout(tmp_path, small_data):
+def test_train_then_test_give_the_workflows_layout(tmp_path, small_data, tiny):
     r = cli("train", "--data", small_data, "--batch", 4, "--max-steps", 4, "--save-every", 2,
-            "--learning-rate", 5e-4, "--output-dir", "checkpoints", cwd=tmp_path)
+            "--learning-rate", 5e-4, "--output-dir", "checkpoints", "--base-model", tiny, "--device", "cpu",
+            cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     [run] = (tmp_path / "checkpoints").glob("lora_*")
-    assert run.name.startswith("lora_HuggingFaceTB_SmolLM2-135M-Instruct_")
     for name in ("config.json", "training_log.json", "checkpoint_step_2", "checkpoint_step_4",
                  "final_lora_weights", "training_state"):
         assert (run / name).exists(), name
@@ -81,7 +81,7 @@ def test_train_then_test_give_the_workflows_layout(tmp_path, small_data):
             "--test-prompts", prompts, "--max-tokens", 20, "--output", "comparison.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "comparison.json").read_text())
-    assert out["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # read from the adapter
+    assert out["base_model"] == str(tiny)  # read from the adapter
     assert out["lora_weights"] == str(run / "final_lora_weights")
     assert [r["prompt"] for r in out["results"]] == [
         [{"role": "user", "content": "What is 2 plus 3?"}], [{"role": "user", "content": "Hello!"}]]

@@ -1,6 +1,8 @@
 """The training loop on the local engine, without Prefect."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +50,13 @@ def test_run_folder_layout_and_log(tmp_path, small_data, tiny, monkeypatch):
     for path in run.rglob("*"):
         if path.is_file():
             assert b"do-not-leak" not in path.read_bytes(), path
+
+
+def test_a_run_folder_is_named_after_its_model_and_key(tmp_path, small_data):
+    """The old workflow's name for a run of the default model: lora_<model>_<eight hex digits>."""
+    run_dir = Path(TrainingRun(training_settings(small_data, tmp_path, cli_defaults=True)).run_dir)
+    assert run_dir.parent == tmp_path
+    assert re.fullmatch(r"lora_HuggingFaceTB_SmolLM2-135M-Instruct_[0-9a-f]{8}", run_dir.name), run_dir.name
 
 
 def test_batches_are_a_function_of_data_seed_and_epoch():
